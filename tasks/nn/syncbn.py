@@ -1,0 +1,204 @@
+"""SyncBatchNorm that runs on every backend and is exact to the global batch.
+
+``torch.nn.SyncBatchNorm`` has CUDA/XPU kernels only and raises on CPU tensors. This module is a
+drop-in subclass: on CUDA tensors it delegates to torch's implementation; everywhere else (CPU,
+gloo) it normalizes with the statistics of the concatenation of all ranks' batches (Ioffe &
+Szegedy 2015), computed with one all_reduce of 2C+1 float64 values in the forward pass and one of
+2C values in the backward pass.
+
+Note that:
+  * Ranks may hold different batch sizes, including empty ones; every rank still joins every
+    collective, so nothing hangs, and an empty rank returns an empty output with zero partial
+    weight/bias gradients.
+  * Weight and bias gradients are each rank's partial sums, as torch's SyncBatchNorm returns them;
+    DDP's gradient all-reduce combines them.
+  * ``running_var`` is updated with the unbiased variance of the global batch, as torch does;
+    ``momentum=None`` gives the cumulative average over batches.
+  * Eval mode, ``track_running_stats`` with stored statistics, and a world of one rank behave exactly
+    like plain BatchNorm and issue no collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tasks import moments
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, num_batches):
+        dims = [0] + list(range(2, x.dim()))
+        stats = moments.all_reduce(moments.of_tensor(x, dims), group=group)
+        n = float(stats.count)
+        if n <= 1:
+            # Every rank sees the same global count, so every rank raises here together.
+            raise ValueError(
+                f"SyncBatchNorm: the global batch has {int(n)} value(s) per channel across all ranks; "
+                "batch statistics need at least 2 -- increase the per-worker batch size"
+            )
+        var = stats.m2 / n
+        if running_mean is not None:
+            with torch.no_grad():
+                factor = (1.0 / float(num_batches)) if momentum is None else momentum
+                running_mean.mul_(1 - factor).add_(stats.mean.to(running_mean.dtype), alpha=factor)
+                unbiased = stats.m2 / (n - 1)
+                running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        mean = stats.mean.to(x.dtype)
+        var_x = var.to(x.dtype)
+        # The elementwise part is plain eval-mode batch norm with the global statistics: one fused
+        # CPU kernel instead of several broadcasted passes.
+        if x.numel() == 0:  # torch's CPU kernels divide by the element count
+            y = x.clone()
+        else:
+            y = F.batch_norm(x, mean, var_x, weight, bias, training=False, eps=eps)
+        ctx.save_for_backward(x, weight, mean, var_x)
+        ctx.eps = eps
+        ctx.group = group
+        ctx.count = n
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, var = ctx.saved_tensors
+        n = ctx.count
+        c = mean.shape[0]
+        # Eval-mode backward gives, in one kernel: g * w * invstd, and the local partial sums
+        # sum(g * xhat) and sum(g) that are exactly this rank's weight/bias gradients.
+        w = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+        if x.numel() == 0:
+            grad_eval, gw_local, gb_local = grad_out, torch.zeros_like(w), torch.zeros_like(w)
+        else:
+            grad_eval, gw_local, gb_local = torch.ops.aten.native_batch_norm_backward(
+                grad_out.contiguous(), x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
+            )
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([gb_local, gw_local]).double()
+            dist.all_reduce(sums, group=ctx.group)
+            invstd = torch.rsqrt(var.double() + ctx.eps)
+            w64 = w.double()
+            mean_dy = sums[:c] / n
+            mean_dy_xhat = sums[c:] / n
+            shape = [1, c] + [1] * (x.dim() - 2)
+            # d x = w*invstd * (g - mean(g) - xhat * mean(g*xhat)), means over the global batch.
+            shift = (w64 * invstd * mean_dy).to(x.dtype).view(shape)
+            slope = (w64 * invstd * invstd * mean_dy_xhat).to(x.dtype).view(shape)
+            grad_input = grad_eval - shift - (x - mean.view(shape)) * slope
+        grad_weight = gw_local if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = gb_local if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """Drop-in ``torch.nn.SyncBatchNorm`` that also runs on CPU tensors over gloo.
+
+    Takes the constructor arguments of ``torch.nn.SyncBatchNorm`` and accepts inputs of shape
+    (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.is_cuda:
+            return super().forward(input)
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+
+        use_batch_stats = self.training or not self.track_running_stats or self.running_mean is None
+        group = self.process_group or dist.group.WORLD
+        # Like torch's SyncBatchNorm, eval mode never synchronizes, even without running stats.
+        distributed = (
+            self.training and use_batch_stats and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size(group) > 1
+        )
+        if not distributed:
+            return _plain_batch_norm(self, input)
+
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        update = self.training and self.track_running_stats
+        return _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.eps, self.momentum, group,
+            int(self.num_batches_tracked) if update and self.momentum is None else 1,
+        )
+
+
+def _plain_batch_norm(bn: _BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """Exactly what ``torch.nn.BatchNorm*d.forward`` does, for a single process."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        input,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.weight, bn.bias, use_batch_stats, factor, bn.eps,
+    )
+
+
+class BatchNormNd(_BatchNorm):
+    """Plain BatchNorm for any input rank >= 2: the revert target of a SyncBatchNorm whose original
+    BatchNorm class is unknown (one constructed directly rather than converted)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+_ORIGIN_ATTR = "_bnflow_origin"
+
+
+def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
+    if src.affine:
+        with torch.no_grad():
+            dst.weight = src.weight
+            dst.bias = src.bias
+    dst.running_mean = src.running_mean
+    dst.running_var = src.running_var
+    dst.num_batches_tracked = src.num_batches_tracked
+    dst.train(src.training)
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every ``BatchNorm1d/2d/3d`` in ``module`` by a ``SyncBatchNorm``.
+
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: parameters, buffers and
+    ``requires_grad`` are kept (shared, not copied); children are replaced in place and the
+    (possibly new) root is returned.
+    """
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        out = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, process_group,
+        )
+        _copy_state(module, out)
+        setattr(out, _ORIGIN_ATTR, type(module))
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every SyncBatchNorm (ours or torch's) by plain BatchNorm, for export, single-process
+    inference and recalibration. Converted layers get their original class back."""
+    out = module
+    if isinstance(module, nn.SyncBatchNorm):
+        cls = getattr(module, _ORIGIN_ATTR, BatchNormNd)
+        out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                  module.track_running_stats)
+        _copy_state(module, out)
+    for name, child in module.named_children():
+        out.add_module(name, revert_sync_batchnorm(child))
+    return out
