@@ -94,16 +94,32 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm):
     """Drop-in ``torch.nn.SyncBatchNorm`` that also runs on CPU tensors over gloo.
 
     Takes the constructor arguments of ``torch.nn.SyncBatchNorm`` and accepts inputs of shape
-    (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W).
+    (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W). It is deliberately not a subclass of
+    torch's class: DDP rejects any ``torch.nn.SyncBatchNorm`` in a CPU model.
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.is_cuda:
-            return super().forward(input)
+            # torch's CUDA kernels (NCCL) are the fast path there; its forward reads only the
+            # attributes this class shares with it.
+            return nn.SyncBatchNorm.forward(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
 
@@ -178,7 +194,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     (possibly new) root is returned.
     """
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+    if isinstance(module, _BatchNorm) and not isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
         out = SyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
             module.track_running_stats, process_group,
@@ -194,7 +210,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every SyncBatchNorm (ours or torch's) by plain BatchNorm, for export, single-process
     inference and recalibration. Converted layers get their original class back."""
     out = module
-    if isinstance(module, nn.SyncBatchNorm):
+    if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
         cls = getattr(module, _ORIGIN_ATTR, BatchNormNd)
         out = cls(module.num_features, module.eps, module.momentum, module.affine,
                   module.track_running_stats)

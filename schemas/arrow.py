@@ -1,0 +1,43 @@
+"""Arrow schemas exchanged between stages: the contract checked at every stage boundary."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.errors import SchemaMismatch
+
+SCHEMA_VERSION = "1"
+FEATURES = "features"
+LABEL = "label"
+
+
+def example_schema(num_features: int, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """Rows of one example each: a fixed-size float32 feature vector and an int64 class label."""
+    return pa.schema(
+        [pa.field(FEATURES, pa.list_(pa.float32(), num_features), nullable=False),
+         pa.field(LABEL, pa.int64(), nullable=False)],
+        metadata={"bnflow.schema_version": SCHEMA_VERSION, **(metadata or {})},
+    )
+
+
+def diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
+    """Field-by-field differences (names, types, nullability); metadata is not compared."""
+    lines = []
+    exp = {f.name: f for f in expected}
+    act = {f.name: f for f in actual}
+    for name, f in exp.items():
+        if name not in act:
+            lines.append(f"missing field '{name}' ({f.type})")
+        elif act[name].type != f.type:
+            lines.append(f"field '{name}': type {act[name].type}, expected {f.type}")
+    for name, f in act.items():
+        if name not in exp:
+            lines.append(f"unexpected field '{name}' ({f.type})")
+    return lines
+
+
+def check(actual: pa.Schema, expected: pa.Schema, where: str) -> None:
+    """Raise SchemaMismatch with a field-by-field diff when ``actual`` breaks the contract."""
+    problems = diff(actual, expected)
+    if problems:
+        raise SchemaMismatch(f"{where}: schema differs from the contract: " + "; ".join(problems))

@@ -1,0 +1,171 @@
+"""The pipeline's config tree: one pydantic model per stage, validated once at the edge.
+
+A recipe (YAML) plus ``--set key=value`` overrides resolve into a ``PipelineConfig``; each stage
+receives only its own sub-model. Every field says what it is for; ranges are constraints;
+cross-field rules are validators whose message names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    source: Literal["fashion_mnist", "digits", "parquet"] = Field(
+        "fashion_mnist", description="Where rows come from: Fashion-MNIST IDX files, scikit-learn's digits, or a Parquet directory.")
+    path: Optional[str] = Field(
+        None, description="fashion_mnist: directory with the four IDX .gz files (default: Debian's); parquet: directory with train/ and test/ Parquet.")
+    features_column: str = Field("features", description="parquet source: the list<float> column holding one row's features.")
+    label_column: str = Field("label", description="parquet source: the integer class-label column.")
+    image_shape: Optional[tuple[int, int, int]] = Field(
+        None, description="parquet source: (channels, height, width) if features are flattened images; enables per-channel statistics and the CNN.")
+    num_classes: int = Field(10, ge=2, description="Number of classes; labels must lie in [0, num_classes).")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training rows held out as the validation split.")
+    max_train_rows: Optional[int] = Field(None, ge=10, description="Keep only this many training rows (before the val split); for quick runs and tests.")
+    max_test_rows: Optional[int] = Field(None, ge=1, description="Keep only this many test rows; for quick runs and tests.")
+
+
+class NormalizeConfig(_Strict):
+    method: Literal["standard", "minmax", "none"] = Field(
+        "standard", description="standard: z-score with the population std; minmax: scale to [0, 1]; none: pass through.")
+    per: Literal["feature", "channel"] = Field(
+        "channel", description="Statistics per feature column, or per image channel (falls back to feature for tabular data).")
+    nonfinite: Literal["error", "drop"] = Field(
+        "error", description="What to do with rows holding NaN or +-inf features: fail, or drop and count them.")
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "rmsprop", "adagrad", "adadelta"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.05, gt=0.0, description="Base learning rate (for the global batch).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/RMSprop momentum.")
+    nesterov: bool = Field(False, description="SGD: Nesterov momentum (needs momentum > 0).")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam: decay of the first-moment average.")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam: decay of the second-moment average.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam/RMSprop/Adagrad/Adadelta denominator guard.")
+    alpha: float = Field(0.99, ge=0.0, lt=1.0, description="RMSprop: decay of the squared-gradient average.")
+    rho: float = Field(0.9, ge=0.0, lt=1.0, description="Adadelta: decay of the squared-gradient and update averages.")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 weight decay (not applied to BatchNorm and bias parameters).")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("train.optimizer.nesterov=true needs train.optimizer.momentum > 0; set a momentum such as 0.9")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["constant", "step", "exponential", "cosine"] = Field("cosine", description="Learning-rate decay, applied per epoch.")
+    step_size: int = Field(5, ge=1, description="step: epochs between decays.")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step/exponential: multiplicative decay factor.")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine: the learning rate at the last epoch.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs before the schedule starts.")
+
+
+class ModelConfig(_Strict):
+    kind: Literal["mlp", "lenet"] = Field("lenet", description="mlp: Linear-BN-ReLU blocks; lenet: LeNet-5-style CNN with BatchNorm2d (image data only).")
+    hidden: tuple[int, ...] = Field((256, 128), description="mlp: widths of the hidden layers.")
+    init: Literal["xavier", "kaiming", "lecun"] = Field(
+        "kaiming", description="Weight init: Xavier/Glorot, Kaiming/He, or normal scaled by 1/sqrt(fan_in) (LeCun).")
+    bn_momentum: Optional[float] = Field(0.1, gt=0.0, le=1.0, description="BatchNorm running-average momentum; null for the cumulative average.")
+    bn_eps: float = Field(1e-5, gt=0.0, description="BatchNorm epsilon guarding the division by the std.")
+
+    @model_validator(mode="after")
+    def _hidden_positive(self):
+        if self.kind == "mlp" and (not self.hidden or min(self.hidden) < 1):
+            raise ValueError(f"train.model.hidden={list(self.hidden)} must list at least one positive width, e.g. [256, 128]")
+        return self
+
+
+class TrainConfig(_Strict):
+    workers: int = Field(2, ge=1, description="Ray Train workers (one DDP process each).")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved by each worker; torch uses this many threads.")
+    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL backend; SyncBatchNorm delegates to torch's).")
+    bn: Optional[Literal["sync", "local"]] = Field(
+        None, description="BatchNorm across workers: sync (statistics of the global batch) or local (per-worker batch). Default: sync when workers > 1.")
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(128, ge=1, description="Per-worker mini-batch size; the global batch is workers x batch_size.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and its hyperparameters.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+    grad_clip_norm: Optional[float] = Field(None, gt=0.0, description="Clip the global gradient norm to this value; null to disable.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture and initialization.")
+    eval_every: int = Field(1, ge=1, description="Compute val loss/accuracy every this many epochs.")
+
+    @model_validator(mode="after")
+    def _batch_for_bn(self):
+        if self.batch_size < 2:
+            raise ValueError(
+                f"train.batch_size={self.batch_size}: BatchNorm in training needs at least 2 rows per worker batch; set train.batch_size >= 2")
+        return self
+
+    @property
+    def bn_mode(self) -> str:
+        return self.bn or ("sync" if self.workers > 1 else "local")
+
+
+class RecalibrateConfig(_Strict):
+    enabled: bool = Field(True, description="Recompute BatchNorm statistics for the final weights (PreciseBN / AdaBN).")
+    split: Literal["train", "val"] = Field("train", description="Split whose rows re-estimate the statistics.")
+    batch_size: int = Field(256, ge=2, description="Mini-batch size of the calibration forward passes.")
+    max_rows: Optional[int] = Field(None, ge=2, description="Use at most this many calibration rows; null for the whole split.")
+
+
+class EvaluateConfig(_Strict):
+    batch_size: int = Field(1024, ge=1, description="Inference batch size (does not affect results: BN uses running statistics).")
+
+
+class TrackingConfig(_Strict):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else a sqlite store in the working directory.")
+    experiment: str = Field("bnflow", min_length=1, description="MLflow experiment name.")
+    register_model: Optional[str] = Field(None, description="Register the recalibrated model under this name in the MLflow model registry.")
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("run", min_length=1, description="Recipe name, used in run names.")
+    seed: int = Field(0, description="Seed for the splits, initialization and shuffling.")
+    storage: str = Field("runs", description="Directory (shared by all nodes) where stages write their outputs.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Ingest stage.")
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig, description="Normalize stage.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Train stage.")
+    recalibrate: RecalibrateConfig = Field(default_factory=RecalibrateConfig, description="Recalibrate stage.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluate stage.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _model_fits_data(self):
+        if self.train.model.kind == "lenet" and self.data.source == "parquet" and self.data.image_shape is None:
+            raise ValueError("train.model.kind=lenet needs image data: set data.image_shape (e.g. [1, 28, 28]) or train.model.kind=mlp")
+        return self
+
+
+def config_hash(model: BaseModel) -> str:
+    """Stable short hash of a (sub-)config: identifies what produced an artifact."""
+    blob = json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(model: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> value strings, for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in model.model_dump(mode="json").items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out, key, value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"

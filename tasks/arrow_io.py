@@ -1,0 +1,64 @@
+"""Arrow/Parquet helpers shared by the stages: writing splits, digests, zero-copy NumPy views."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import arrow
+from schemas.artifacts import SplitInfo
+
+ROWS_PER_FILE = 16384  # several files per split so Ray Data reads and maps them in parallel
+
+
+def to_table(x: np.ndarray, y: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Features (N, D) float32 and labels (N,) as a table of the example schema (no copy of x)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)
+    return pa.Table.from_arrays([feats, pa.array(y.astype(np.int64))], schema=schema)
+
+
+def features_numpy(table_or_batch) -> np.ndarray:
+    """The features column as an (N, D) float32 array, zero-copy where Arrow allows."""
+    col = table_or_batch.column(arrow.FEATURES)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    d = col.type.list_size
+    values = col.values if col.offset == 0 else col.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+def labels_numpy(table_or_batch) -> np.ndarray:
+    col = table_or_batch.column(arrow.LABEL)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def digest_dir(path: Path) -> str:
+    """sha256 over the full bytes of every Parquet file of a split, in name order.
+
+    File names are not hashed: writers such as Ray Data put a per-run id in them."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.parquet")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def write_split(table: pa.Table, path: Path) -> SplitInfo:
+    """Write a split as numbered Parquet files under ``path`` and describe it."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
+        pq.write_table(table.slice(start, ROWS_PER_FILE), path / f"part-{i:05d}.parquet")
+    return SplitInfo(path=str(path), rows=table.num_rows, digest=digest_dir(path))
+
+
+def read_split(path: str | Path) -> pa.Table:
+    return pq.read_table(path)

@@ -1,0 +1,160 @@
+"""Ingest stage: a source -> raw Parquet splits (train, val, test) of the example schema."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas import arrow
+from schemas.artifacts import Dataset
+from schemas.config import DataConfig
+from schemas.errors import DataError
+from tasks import arrow_io
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+DIGITS_TEST_FRACTION = 0.2
+
+
+def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
+    """Read ``cfg.source`` and write train/val/test splits under ``out_dir``.
+
+    The val split is a seeded random share of the training rows; the test split is kept apart.
+
+    Raises:
+        DataError: a missing file or a source that breaks the data contract.
+    """
+    if cfg.source == "fashion_mnist":
+        (x_train, y_train), (x_test, y_test) = _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR))
+        image_shape = (1, 28, 28)
+    elif cfg.source == "digits":
+        (x_train, y_train), (x_test, y_test) = _digits(seed)
+        image_shape = (1, 8, 8)
+    else:
+        if not cfg.path:
+            raise DataError("data.path is not set: the parquet source needs a directory holding train/ and test/ Parquet")
+        (x_train, y_train), (x_test, y_test) = _parquet(cfg)
+        image_shape = cfg.image_shape
+
+    rng = np.random.default_rng(seed)
+    if cfg.max_train_rows is not None and cfg.max_train_rows < len(y_train):
+        keep = np.sort(rng.permutation(len(y_train))[: cfg.max_train_rows])
+        x_train, y_train = x_train[keep], y_train[keep]
+    if cfg.max_test_rows is not None:
+        x_test, y_test = x_test[: cfg.max_test_rows], y_test[: cfg.max_test_rows]
+    for split, y in (("train", y_train), ("test", y_test)):
+        _check_labels(y, cfg.num_classes, split)
+
+    perm = rng.permutation(len(y_train))
+    n_val = max(1, int(round(cfg.val_fraction * len(y_train))))
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if len(train_idx) < 2:
+        raise DataError(f"data: only {len(y_train)} training rows; need at least 2 after the val split -- add rows or lower data.val_fraction")
+
+    d = x_train.shape[1]
+    meta = {"bnflow.image_shape": ",".join(map(str, image_shape)) if image_shape else ""}
+    schema = arrow.example_schema(d, meta)
+    parts = {"train": (x_train[train_idx], y_train[train_idx]), "val": (x_train[val_idx], y_train[val_idx]),
+             "test": (x_test, y_test)}
+    splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
+    return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape,
+                   schema_fields=[f"{f.name}: {f.type}" for f in schema])
+
+
+def _check_labels(y: np.ndarray, num_classes: int, split: str) -> None:
+    if len(y) == 0:
+        raise DataError(f"data: the {split} split is empty; it needs at least one row")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        raise DataError(
+            f"data: {int(bad.sum())} {split} label(s) outside [0, {num_classes}) (e.g. {int(y[bad][0])}); "
+            "fix the labels or set data.num_classes")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"data.path: {path} not found; install Debian's dataset-fashion-mnist or point data.path at the IDX files")
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    _, _, dtype_code, ndim = struct.unpack(">BBBB", raw[:4])
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{dtype_code:02x}, expected unsigned bytes (0x08)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist(root: Path):
+    out = []
+    for split in ("train", "test"):
+        img_file, lbl_file = FASHION_MNIST_FILES[split]
+        x = _read_idx(root / img_file).reshape(-1, 28 * 28).astype(np.float32)
+        y = _read_idx(root / lbl_file).astype(np.int64)
+        out.append((x, y))
+    return out
+
+
+def _digits(seed: int):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    # The test split must not move when the training seed changes: fixed permutation.
+    perm = np.random.default_rng(12345).permutation(len(y))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
+    test, train = perm[:n_test], perm[n_test:]
+    x = x.astype(np.float32)
+    return (x[train], y[train].astype(np.int64)), (x[test], y[test].astype(np.int64))
+
+
+def _parquet(cfg: DataConfig):
+    root = Path(cfg.path)
+    tables = {}
+    for split in ("train", "test"):
+        p = root / split
+        if not p.exists():
+            cand = root / f"{split}.parquet"
+            if not cand.exists():
+                raise DataError(f"data.path: {root} has no {split}/ directory or {split}.parquet file; put the {split} split there")
+            p = cand
+        tables[split] = pq.read_table(p)
+    schemas = {s: t.schema for s, t in tables.items()}
+    differ = arrow.diff(schemas["test"].remove_metadata(), schemas["train"].remove_metadata())
+    if differ:
+        raise DataError(f"data.path: the test split's schema differs from train: {'; '.join(differ)}")
+    return [_parquet_split(tables[s], cfg, s) for s in ("train", "test")]
+
+
+def _parquet_split(table: pa.Table, cfg: DataConfig, split: str):
+    for col, field in ((cfg.features_column, "data.features_column"), (cfg.label_column, "data.label_column")):
+        if col not in table.column_names:
+            raise DataError(f"{field}: column '{col}' not in the {split} split (columns: {table.column_names}); set {field}")
+    if table.num_rows == 0:
+        raise DataError(f"data: the {split} split is empty; it needs at least one row")
+    labels = table.column(cfg.label_column)
+    if not pa.types.is_integer(labels.type):
+        raise DataError(f"data.label_column: '{cfg.label_column}' has type {labels.type}, expected an integer class id; cast it to int64")
+    if labels.null_count:
+        raise DataError(f"data.label_column: {labels.null_count} null label(s) in the {split} split; fill or drop them")
+    feats = table.column(cfg.features_column).combine_chunks()
+    if not (pa.types.is_list(feats.type) or pa.types.is_fixed_size_list(feats.type) or pa.types.is_large_list(feats.type)):
+        raise DataError(f"data.features_column: '{cfg.features_column}' has type {feats.type}, expected a list of floats")
+    if feats.null_count:
+        raise DataError(f"data.features_column: {feats.null_count} null feature row(s) in the {split} split; fill or drop them")
+    lengths = pc.list_value_length(feats).to_numpy(zero_copy_only=False)
+    if lengths.min() != lengths.max():
+        raise DataError(
+            f"data.features_column: rows of different lengths in the {split} split ({int(lengths.min())}..{int(lengths.max())}); "
+            "every row needs the same number of features")
+    d = int(lengths[0])
+    if cfg.image_shape is not None and int(np.prod(cfg.image_shape)) != d:
+        raise DataError(f"data.image_shape={list(cfg.image_shape)} has {int(np.prod(cfg.image_shape))} values but rows have {d} features")
+    x = pc.list_flatten(feats).to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+    return x, labels.to_numpy().astype(np.int64)

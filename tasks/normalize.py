@@ -1,0 +1,170 @@
+"""Normalize stage: fit statistics on the train split in one distributed pass, apply them to every split.
+
+Fit: every Arrow block of the train split is reduced on a Ray Data worker to per-feature (or
+per-channel) count, mean, M2 (float64, two-pass within the block), min and max; the driver merges
+the block moments with Chan's parallel merge (``tasks.moments``). Apply: every split is transformed
+with the train statistics only, never refitted.
+
+Note that ``standard`` divides by the POPULATION standard deviation sqrt(M2 / n), as scikit-learn's
+StandardScaler does. A feature with zero spread is centred and left unscaled (scale 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import arrow
+from schemas.artifacts import Dataset, NormStatsFile, SplitInfo
+from schemas.config import NormalizeConfig
+from schemas.errors import DataError
+from tasks import arrow_io, moments
+
+log = logging.getLogger(__name__)
+STATS_SCHEMA_VERSION = "1"
+
+
+def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Dataset, NormStatsFile]:
+    """Fit on ``raw``'s train split, write every split normalized under ``out_dir``.
+
+    Raises:
+        SchemaMismatch: a split whose Arrow schema breaks the example-schema contract.
+        DataError: an empty split, or NaN/inf features under ``nonfinite: error``.
+    """
+    import ray
+
+    expected = arrow.example_schema(raw.num_features)
+    for name, split in raw.splits.items():
+        first = sorted(Path(split.path).glob("*.parquet"))
+        if not first:
+            raise DataError(f"normalize: split '{name}' has no Parquet files under {split.path}")
+        arrow.check(pq.read_schema(first[0]), expected, where=f"normalize input split '{name}'")
+
+    groups = _stat_groups(cfg, raw)
+    scans = {name: _scan(ray.data.read_parquet(s.path), groups) for name, s in raw.splits.items()}
+    dropped = {}
+    for name, scan in scans.items():
+        if scan["rows"] - scan["nonfinite"] == 0:
+            raise DataError(f"normalize: split '{name}' has no usable rows ({scan['rows']} rows, {scan['nonfinite']} with NaN/inf)")
+        if scan["nonfinite"]:
+            if cfg.nonfinite == "error":
+                raise DataError(
+                    f"{arrow.FEATURES}: {scan['nonfinite']} row(s) of split '{name}' hold NaN or inf; clean them or set normalize.nonfinite=drop")
+            dropped[name] = scan["nonfinite"]
+            log.warning("normalize: dropping %d row(s) with NaN/inf from split '%s'", scan["nonfinite"], name)
+
+    stats = _finish(cfg, scans["train"], groups, raw)
+    stats_path = out_dir / "norm_stats.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats_path.write_text(json.dumps(stats, indent=1))
+
+    shift = np.asarray(stats["shift"], dtype=np.float32)
+    inv_scale = (1.0 / np.asarray(stats["scale"], dtype=np.float64)).astype(np.float32)
+    meta = {"bnflow.image_shape": ",".join(map(str, raw.image_shape)) if raw.image_shape else "",
+            "bnflow.norm_stats_version": stats["version"], "bnflow.norm_config_hash": stats["config_hash"]}
+    out_schema = arrow.example_schema(raw.num_features, meta)
+    splits = {}
+    for name, split in raw.splits.items():
+        dest = out_dir / name
+        ds = ray.data.read_parquet(split.path).map_batches(
+            _apply_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+            fn_kwargs={"shift": shift, "inv_scale": inv_scale, "schema": out_schema})
+        ds.write_parquet(str(dest))
+        rows = pq.ParquetDataset(dest).read(columns=[arrow.LABEL]).num_rows
+        splits[name] = SplitInfo(path=str(dest), rows=rows, digest=arrow_io.digest_dir(dest))
+    result = raw.model_copy(update={"splits": splits})
+    stats["dropped_rows"] = dropped
+    stats_path.write_text(json.dumps(stats, indent=1))
+    return result, NormStatsFile(path=str(stats_path), version=stats["version"])
+
+
+def _stat_groups(cfg: NormalizeConfig, raw: Dataset) -> int:
+    """Number of statistic units: channels for per-channel image statistics, else features."""
+    if cfg.per == "channel" and raw.image_shape:
+        return raw.image_shape[0]
+    return raw.num_features
+
+
+def _block_stats(batch: pa.Table, groups: int) -> dict:
+    x = arrow_io.features_numpy(batch)
+    finite = np.isfinite(x).all(axis=1)
+    nonfinite = int(len(x) - finite.sum())
+    if nonfinite:
+        x = x[finite]
+    # (N, D) -> (N, groups, D / groups): per-channel statistics reduce over rows and pixels.
+    xg = x.reshape(len(x), groups, -1)
+    m = moments.of_array(xg, axis=(0, 2))
+    if len(x):
+        mn, mx = xg.min(axis=(0, 2)).astype(np.float64), xg.max(axis=(0, 2)).astype(np.float64)
+    else:
+        mn, mx = np.full(groups, np.inf), np.full(groups, -np.inf)
+    return {"rows": np.array([len(finite)]), "nonfinite": np.array([nonfinite]),
+            "count": np.array([float(m.count)]), "mean": m.mean[None], "m2": m.m2[None],
+            "min": mn[None], "max": mx[None]}
+
+
+def _scan(ds, groups: int) -> dict:
+    """One distributed pass: merged moments, min, max and row counts of a split."""
+    parts = ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                           fn_kwargs={"groups": groups}).take_all()
+    merged = moments.merge_all(moments.Moments(p["count"], p["mean"], p["m2"]) for p in parts)
+    return {"rows": int(sum(p["rows"] for p in parts)), "nonfinite": int(sum(p["nonfinite"] for p in parts)),
+            "moments": merged, "min": np.min([p["min"] for p in parts], axis=0),
+            "max": np.max([p["max"] for p in parts], axis=0)}
+
+
+def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> dict:
+    m = scan["moments"]
+    std = np.sqrt(m.variance(ddof=0))
+    if cfg.method == "standard":
+        shift, scale = m.mean, std
+    elif cfg.method == "minmax":
+        shift, scale = scan["min"], scan["max"] - scan["min"]
+    else:
+        shift, scale = np.zeros(groups), np.ones(groups)
+    constant = [int(i) for i in np.flatnonzero(scale == 0)]
+    if constant and cfg.method != "none":
+        unit = "channel" if groups != raw.num_features else "feature"
+        log.warning("normalize: %d constant %s(s) (zero spread on train) are centred, not scaled: %s",
+                    len(constant), unit, constant[:20])
+    scale = np.where(scale == 0, 1.0, scale)
+    per_unit = raw.num_features // groups
+    body = {
+        "schema_version": STATS_SCHEMA_VERSION, "method": cfg.method,
+        "per": "channel" if cfg.per == "channel" and raw.image_shape else "feature",
+        "image_shape": list(raw.image_shape) if raw.image_shape else None,
+        "num_features": raw.num_features, "count": float(m.count),
+        "mean": m.mean.tolist(), "std": std.tolist(), "min": scan["min"].tolist(), "max": scan["max"].tolist(),
+        "constant_units": constant,
+        # Per-feature vectors ready to apply: x_norm = (x - shift) / scale.
+        "shift": np.repeat(shift, per_unit).tolist(), "scale": np.repeat(scale, per_unit).tolist(),
+    }
+    from schemas.config import config_hash
+
+    body["config_hash"] = config_hash(cfg)
+    body["version"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return body
+
+
+def _apply_block(batch: pa.Table, shift: np.ndarray, inv_scale: np.ndarray, schema: pa.Schema) -> pa.Table:
+    x = arrow_io.features_numpy(batch)
+    y = arrow_io.labels_numpy(batch)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():  # only reached under nonfinite=drop: the scan raised otherwise
+        x, y = x[finite], y[finite]
+    out = (x - shift) * inv_scale
+    return arrow_io.to_table(out, y, schema)
+
+
+def load_stats(path: str | Path) -> dict:
+    """Read a statistics artifact, checking its schema version."""
+    stats = json.loads(Path(path).read_text())
+    if stats.get("schema_version") != STATS_SCHEMA_VERSION:
+        raise DataError(f"{path}: normalization statistics schema_version {stats.get('schema_version')!r}, expected {STATS_SCHEMA_VERSION!r}")
+    return stats
