@@ -103,3 +103,18 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.shift) * self.inv_scale)
+
+
+def model_from_checkpoint(state: dict) -> nn.Module:
+    """Rebuild the plain-BatchNorm network stored in a train/recalibrate checkpoint dict."""
+    cfg = ModelConfig.model_validate(state["config"]["model"])
+    spec = state["spec"]
+    model = build_model(cfg, spec["num_features"], spec["num_classes"], spec["image_shape"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def served_model(state: dict) -> NormalizedClassifier:
+    """Raw features -> logits: the checkpoint's network behind its normalization statistics."""
+    stats = state["norm_stats"]
+    return NormalizedClassifier(model_from_checkpoint(state), stats["shift"], stats["scale"]).eval()

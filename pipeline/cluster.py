@@ -1,0 +1,42 @@
+"""Connecting to Ray: an existing cluster (``ray job submit``, RAY_ADDRESS) or an embedded one."""
+
+from __future__ import annotations
+
+import os
+
+from schemas.config import PipelineConfig
+from schemas.errors import ConfigError
+
+
+def connect(cfg: PipelineConfig) -> None:
+    """Attach to the cluster this job runs on, or start a local Ray on loopback; check resources.
+
+    Raises:
+        ConfigError: the config asks for more training CPUs or GPUs than the cluster has.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            # Embedded, single machine: keep every socket (Ray, gloo) on loopback.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    # Deterministic block order, so written splits (and their digests) repeat run to run.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    check_resources(cfg, ray.cluster_resources())
+
+
+def check_resources(cfg: PipelineConfig, resources: dict) -> None:
+    t = cfg.train
+    cpus = int(resources.get("CPU", 0))
+    if t.workers * t.cpus_per_worker > cpus:
+        raise ConfigError(
+            f"train.workers={t.workers} x train.cpus_per_worker={t.cpus_per_worker} needs {t.workers * t.cpus_per_worker} CPUs "
+            f"but the Ray cluster has {cpus}; lower train.workers (at most {max(cpus // t.cpus_per_worker, 0)})")
+    gpus = int(resources.get("GPU", 0))
+    if t.use_gpu and t.workers > gpus:
+        raise ConfigError(f"train.use_gpu=true with train.workers={t.workers} needs {t.workers} GPUs but the cluster has {gpus}; "
+                          "lower train.workers or set train.use_gpu=false")

@@ -1,0 +1,125 @@
+"""Evaluate stage: test metrics before and after recalibration, confusion matrices, curves, diagnosis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from schemas.artifacts import Checkpoint, Dataset, Evaluation, TrainHistory
+from schemas.config import EvaluateConfig
+from tasks import arrow_io
+from tasks.nn.models import model_from_checkpoint
+
+
+def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint, data: Dataset,
+             history: TrainHistory, out_dir: Path) -> Evaluation:
+    """Accuracy and mean cross-entropy over EVERY test row for both checkpoints, plus plots."""
+    import ray.data
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for tag, ckpt in (("before", trained), ("after", recalibrated)):
+        models[tag] = model_from_checkpoint(torch.load(ckpt.path, weights_only=False))
+    k = data.num_classes
+    confusion = {tag: np.zeros((k, k), dtype=np.int64) for tag in models}
+    loss = {tag: 0.0 for tag in models}
+    rows = 0
+    ds = ray.data.read_parquet(data.split("test").path)
+    with torch.no_grad():
+        for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=False):
+            x = torch.from_numpy(arrow_io.features_numpy(batch))
+            y = torch.from_numpy(arrow_io.labels_numpy(batch).astype(np.int64))
+            rows += len(y)
+            for tag, model in models.items():
+                logits = model(x)
+                loss[tag] += float(F.cross_entropy(logits, y, reduction="sum"))
+                np.add.at(confusion[tag], (y.numpy(), logits.argmax(1).numpy()), 1)
+    if rows != data.split("test").rows:
+        raise RuntimeError(f"evaluate read {rows} test rows, the split holds {data.split('test').rows}")
+
+    metrics = {}
+    for tag in models:
+        metrics[f"test_accuracy_{tag}_recal"] = float(np.trace(confusion[tag]) / rows)
+        metrics[f"test_loss_{tag}_recal"] = loss[tag] / rows
+    metrics["test_rows"] = float(rows)
+    diagnosis = diagnose(history.epochs)
+    report = {"metrics": metrics, "diagnosis": diagnosis,
+              "confusion_before_recal": confusion["before"].tolist(), "confusion_after_recal": confusion["after"].tolist()}
+    files = [str(out_dir / "evaluation.json")]
+    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1))
+    files.append(_plot_confusion(confusion, out_dir / "confusion_matrix.png"))
+    files.append(_plot_curves(history.epochs, diagnosis, out_dir / "loss_curves.png"))
+    return Evaluation(metrics=metrics, files=files)
+
+
+def diagnose(epochs: list[dict]) -> str:
+    """Read the train/val loss curves the way the course does: diverging, data problem, overfitting,
+    still learning, or converged."""
+    train = [e["train_loss"] for e in epochs]
+    val = [e["val_loss"] for e in epochs if "val_loss" in e]
+    if not np.all(np.isfinite(train)) or (len(train) > 2 and train[-1] > 1.5 * min(train)):
+        return "diverging: the train loss grows; lower the learning rate or clip gradients"
+    if len(train) < 3 or len(val) < 3:
+        return "too few epochs to read the curves"
+    if train[-1] > 0.9 * train[0]:
+        return "data problem or learning rate too low: the train loss barely moves"
+    best = int(np.argmin(val))
+    if val[-1] > 1.1 * val[best] and best < len(val) - 1 and train[-1] < train[best]:
+        return f"overfitting: val loss is lowest at epoch {best + 1} and rises while train loss falls"
+    recent = (train[-3] - train[-1]) / max(abs(train[-3]), 1e-12)
+    if recent > 0.05:
+        return "still learning: the train loss is still falling; more epochs would help"
+    return "converged: train and val losses have flattened"
+
+
+def _plot_confusion(confusion: dict, path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(confusion), figsize=(6 * len(confusion), 5))
+    for ax, (tag, cm) in zip(np.atleast_1d(axes), confusion.items()):
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        acc = np.trace(cm) / max(cm.sum(), 1)
+        ax.set_title(f"{tag} BN recalibration (accuracy {acc:.4f})")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_curves(epochs: list[dict], diagnosis: str, path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    e = [r["epoch"] for r in epochs]
+    for key, ax in (("loss", ax1), ("accuracy", ax2)):
+        ax.plot(e, [r[f"train_{key}"] for r in epochs], "o-", label=f"train {key}")
+        ve = [(r["epoch"], r[f"val_{key}"]) for r in epochs if f"val_{key}" in r]
+        if ve:
+            ax.plot(*zip(*ve), "s-", label=f"val {key}")
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(diagnosis, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
