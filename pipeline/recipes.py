@@ -50,7 +50,7 @@ def load(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ())
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.optimizer.lr=0.1")
-        _assign(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+        _assign(raw, key.strip().split("."), _parse_value(value))
     return validate(raw)
 
 
@@ -59,6 +59,19 @@ def validate(raw: dict) -> PipelineConfig:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_one_line(e, raw)) from None
+
+
+def _parse_value(text: str):
+    """YAML scalars, plus what YAML 1.1 leaves as strings but people mean as numbers (1e-3)."""
+    if not text.strip():
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _assign(tree: dict, keys: list[str], value) -> None:

@@ -1,0 +1,37 @@
+# Set-up is part of every target: a fresh Debian machine needs nothing but python3 and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ARGS ?=
+
+.PHONY: setup data run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: it takes the local CPU wheel, so nothing later pulls CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+run: setup data
+	$(PY) -m pipeline run $(ARGS)
+
+test: setup data
+	$(PY) -m pytest -q tests
+
+bench: setup data
+	$(PY) -m benchmarks.syncbn
+	$(PY) -m benchmarks.normalize
+
+clean:
+	rm -rf runs mlflow.db mlartifacts

@@ -1,0 +1,55 @@
+"""The DAG declaration is validated before anything runs."""
+
+import pytest
+
+from pipeline.dag import PIPELINE, DagError, Node, validate
+
+
+def _a(cfg, out_dir, seed):
+    return 1
+
+
+def _b(cfg, out_dir, x):
+    return 2
+
+
+def _c(cfg, out_dir, y):
+    return 3
+
+
+def test_shipped_pipeline_is_valid_and_ordered():
+    order = [n.name for n in validate(PIPELINE)]
+    assert order == ["ingest", "normalize", "train", "recalibrate", "evaluate"]
+
+
+def test_cycle_is_reported_with_its_path():
+    nodes = (Node("b", _b, "x", {"x": "y_out"}, {"x_out": int}), Node("c", _c, "x", {"y": "x_out"}, {"y_out": int}))
+    with pytest.raises(DagError, match="cycle: .*b.*c"):
+        validate(nodes)
+
+
+def test_missing_input_suggests_the_close_name():
+    nodes = (Node("a", _a, "x", {"seed": "seed"}, {"raw": int}), Node("b", _b, "x", {"x": "rawx"}, {"out": int}))
+    with pytest.raises(DagError, match="no stage produces; did you mean 'raw'"):
+        validate(nodes)
+
+
+def test_two_producers_of_one_artifact():
+    nodes = (Node("a", _a, "x", {"seed": "seed"}, {"raw": int}), Node("a2", _a, "x", {"seed": "seed"}, {"raw": int}))
+    with pytest.raises(DagError, match="two producers"):
+        validate(nodes)
+
+
+def test_duplicate_stage_names():
+    nodes = (Node("a", _a, "x", {"seed": "seed"}, {"r1": int}), Node("a", _a, "x", {"seed": "seed"}, {"r2": int}))
+    with pytest.raises(DagError, match="duplicate stage names"):
+        validate(nodes)
+
+
+def test_inputs_must_bind_to_the_signature():
+    unknown = (Node("a", _a, "x", {"seed": "seed", "nope": "seed"}, {"r": int}),)
+    with pytest.raises(DagError, match="no parameter"):
+        validate(unknown)
+    unbound = (Node("a", _a, "x", {}, {"r": int}),)
+    with pytest.raises(DagError, match=r"\['seed'\] are not bound"):
+        validate(unbound)
