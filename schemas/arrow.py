@@ -20,6 +20,15 @@ def example_schema(num_features: int, metadata: dict[str, str] | None = None) ->
     )
 
 
+def same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    """Type equality that ignores a list's child field name ('item' vs Parquet's 'element')."""
+    if pa.types.is_fixed_size_list(a) and pa.types.is_fixed_size_list(b):
+        return a.list_size == b.list_size and same_type(a.value_type, b.value_type)
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        return same_type(a.value_type, b.value_type)
+    return a == b
+
+
 def diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
     """Field-by-field differences (names, types, nullability); metadata is not compared."""
     lines = []
@@ -28,7 +37,7 @@ def diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
     for name, f in exp.items():
         if name not in act:
             lines.append(f"missing field '{name}' ({f.type})")
-        elif act[name].type != f.type:
+        elif not same_type(act[name].type, f.type):
             lines.append(f"field '{name}': type {act[name].type}, expected {f.type}")
     for name, f in act.items():
         if name not in exp:

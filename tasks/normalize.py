@@ -113,10 +113,10 @@ def _scan(ds, groups: int) -> dict:
     """One distributed pass: merged moments, min, max and row counts of a split."""
     parts = ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                            fn_kwargs={"groups": groups}).take_all()
-    merged = moments.merge_all(moments.Moments(p["count"], p["mean"], p["m2"]) for p in parts)
+    merged = moments.merge_all([moments.empty(groups)] + [moments.Moments(p["count"], p["mean"], p["m2"]) for p in parts])
     return {"rows": int(sum(p["rows"] for p in parts)), "nonfinite": int(sum(p["nonfinite"] for p in parts)),
-            "moments": merged, "min": np.min([p["min"] for p in parts], axis=0),
-            "max": np.max([p["max"] for p in parts], axis=0)}
+            "moments": merged, "min": np.min([np.full(groups, np.inf)] + [p["min"] for p in parts], axis=0),
+            "max": np.max([np.full(groups, -np.inf)] + [p["max"] for p in parts], axis=0)}
 
 
 def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> dict:

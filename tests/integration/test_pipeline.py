@@ -1,0 +1,122 @@
+"""The whole DAG on digits, on the session's Ray, tracked by a real MLflow server; read back through
+the MLflow client. Then a resume (nothing re-runs, nothing duplicated) and a failing stage."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+STAGES = {"ingest", "normalize", "train", "recalibrate", "evaluate"}
+EPOCHS = 4
+
+
+def _runs(client, exp_name, run_id):
+    exp = client.get_experiment_by_name(exp_name)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = '{run_id}'")
+
+
+@pytest.fixture(scope="module")
+def digits_run(mlflow_server, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("storage")
+    args = ["run", "--recipe", "digits", "--run-id", "itest-digits", "--set", f"storage={storage}",
+            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
+            "--set", f"train.epochs={EPOCHS}"]
+    assert main(args) == 0
+    return args, storage, MlflowClient(mlflow_server)
+
+
+def test_one_parent_and_one_child_per_stage(digits_run):
+    _, _, client = digits_run
+    runs = _runs(client, "itest", "itest-digits")
+    parents = [r for r in runs if r.data.tags[TAG_STAGE] == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.data.tags[TAG_STAGE]: r for r in runs if r.data.tags[TAG_STAGE] != "pipeline"}
+    assert set(children) == STAGES and len(runs) == 6
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.params["train.bn_mode"] == "sync"
+    assert children["train"].data.params["train.bn_mode"] == "sync"
+    config = json.loads(Path(client.download_artifacts(parent.info.run_id, "config.json")).read_text())
+    assert config["train"]["epochs"] == EPOCHS
+    assert parent.data.metrics["test_accuracy_after_recal"] >= 0.9
+
+
+def test_per_epoch_metrics_one_series_from_one_writer(digits_run):
+    _, _, client = digits_run
+    train = next(r for r in _runs(client, "itest", "itest-digits") if r.data.tags[TAG_STAGE] == "train")
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+        hist = client.get_metric_history(train.info.run_id, key)
+        assert sorted(m.step for m in hist) == list(range(1, EPOCHS + 1)), key
+    lrs = [m.value for m in sorted(client.get_metric_history(train.info.run_id, "lr"), key=lambda m: m.step)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # the cosine schedule, as logged
+
+
+def test_artifacts_inputs_and_models(digits_run):
+    _, storage, client = digits_run
+    runs = {r.data.tags[TAG_STAGE]: r for r in _runs(client, "itest", "itest-digits")}
+    ev = runs["evaluate"].info.run_id
+    names = {a.path for a in client.list_artifacts(ev)}
+    assert {"confusion_matrix.png", "loss_curves.png", "evaluation.json"} <= names
+    assert "norm_stats.json" in {a.path for a in client.list_artifacts(runs["normalize"].info.run_id)}
+
+    manifest = json.loads((storage / "itest-digits" / "normalize" / "manifest.json").read_text())
+    inputs = client.get_run(runs["normalize"].info.run_id).inputs.dataset_inputs
+    by_name = {d.dataset.name: d for d in inputs}
+    test_info = manifest["outputs"]["data"]["splits"]["test"]
+    assert by_name["data/test"].dataset.digest == test_info["digest"][:32]
+    assert {t.key: t.value for t in by_name["data/test"].tags}["bnflow.sha256"] == test_info["digest"]
+
+    # Both served models take RAW features (normalization inside) and classify the raw test split.
+    raw = pq.read_table(storage / "itest-digits" / "ingest" / "test")
+    x = raw.column("features").combine_chunks().flatten().to_numpy().reshape(raw.num_rows, -1).astype(np.float32)
+    y = raw.column("label").to_numpy()
+    for stage, name in (("train", "model_trained"), ("recalibrate", "model_recalibrated")):
+        model = mlflow.pyfunc.load_model(f"runs:/{runs[stage].info.run_id}/{name}")
+        logits = np.asarray(model.predict(x))
+        assert logits.shape == (len(y), 10)
+        assert (logits.argmax(1) == y).mean() >= 0.9
+
+
+def test_resume_skips_complete_stages_and_reopens_the_parent(digits_run, capsys):
+    args, storage, client = digits_run
+    before = {r.info.run_id for r in _runs(client, "itest", "itest-digits")}
+    mtime = (storage / "itest-digits" / "train" / "checkpoint.pt").stat().st_mtime
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 5
+    after = _runs(client, "itest", "itest-digits")
+    assert {r.info.run_id for r in after} == before
+    assert (storage / "itest-digits" / "train" / "checkpoint.pt").stat().st_mtime == mtime
+
+
+def test_failed_stage_leaves_no_complete_output_and_exits_2(mlflow_server, tmp_path, capsys):
+    src = tmp_path / "user"
+    for split in ("train", "test"):
+        (src / split).mkdir(parents=True)
+        x = np.random.default_rng(0).normal(size=(40, 4))
+        if split == "test":
+            x[3, 1] = np.nan
+        pq.write_table(pa.table({"features": pa.array(x.tolist()), "label": pa.array(np.arange(40) % 3)}),
+                       src / split / "p.parquet")
+    storage = tmp_path / "storage"
+    args = ["run", "--recipe", "digits", "--run-id", "itest-bad", "--set", f"storage={storage}",
+            "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
+            "--set", "data.source=parquet", "--set", f"data.path={src}", "--set", "data.num_classes=3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 row(s) of split 'test' hold NaN or inf" in err[0]
+    assert (storage / "itest-bad" / "ingest" / "manifest.json").exists()
+    assert not (storage / "itest-bad" / "normalize" / "manifest.json").exists()
+    client = MlflowClient(mlflow_server)
+    status = {r.data.tags[TAG_STAGE]: r.info.status for r in _runs(client, "itest", "itest-bad")}
+    assert status == {"pipeline": "FAILED", "ingest": "FINISHED", "normalize": "FAILED"}
