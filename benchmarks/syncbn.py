@@ -1,0 +1,168 @@
+"""SyncBatchNorm vs plain BatchNorm under DDP: training step time, side by side in one run.
+
+2 processes x 1 thread, gloo on loopback, the LeNet-style CNN on real Fashion-MNIST batches. Each
+process holds two DDP models (plain BN and tasks.nn.SyncBatchNorm) and alternates short blocks of
+steps between them, so machine noise hits both alike; the ratio of median step times is reported.
+Then a per-layer forward+backward microbenchmark.
+
+    python -m benchmarks.syncbn [--steps 120] [--batch-size 128]
+
+Writes benchmarks/results/syncbn.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results" / "syncbn.json"
+WORKERS = 2
+THREADS = 1
+BLOCK = 10  # steps per alternation block
+
+
+def _fashion_mnist(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from tasks.ingest import FASHION_MNIST_DIR, _fashion_mnist
+
+    (x, y), _ = _fashion_mnist(Path(FASHION_MNIST_DIR))
+    x = (x[:n] - x.mean()) / x.std()
+    return torch.from_numpy(x), torch.from_numpy(y[:n])
+
+
+def _models():
+    from schemas.config import ModelConfig
+    from tasks.nn import convert_sync_batchnorm
+    from tasks.nn.models import build_model
+
+    torch.manual_seed(0)
+    local = build_model(ModelConfig(kind="lenet"), 784, 10, (1, 28, 28))
+    torch.manual_seed(0)
+    sync = convert_sync_batchnorm(build_model(ModelConfig(kind="lenet"), 784, 10, (1, 28, 28)))
+    return {"local": local, "sync": sync}
+
+
+def _step_times(model, opt, x, y, batch, steps, offset):
+    times = []
+    for s in range(steps):
+        i = ((offset + s) * batch) % (len(y) - batch)
+        xb, yb = x[i : i + batch], y[i : i + batch]
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _micro(rank, reps=60):
+    from tasks.nn import SyncBatchNorm
+
+    out = {}
+    shapes = {"bn2d_6x28x28": (128, 6, 28, 28), "bn2d_16x14x14": (128, 16, 14, 14), "bn1d_120": (128, 120)}
+    for name, shape in shapes.items():
+        c = shape[1]
+        plain = (nn.BatchNorm2d(c) if len(shape) == 4 else nn.BatchNorm1d(c))
+        ours = SyncBatchNorm(c)
+        x = torch.randn(shape, requires_grad=True)
+        g = torch.randn(shape)
+        res = {}
+        for label, layer in (("plain", plain), ("sync", ours)):
+            ts = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                layer(x).backward(g)
+                ts.append(time.perf_counter() - t0)
+            res[label] = statistics.median(ts[5:])
+        out[name] = {"plain_ms": res["plain"] * 1e3, "sync_ms": res["sync"] * 1e3, "ratio": res["sync"] / res["plain"]}
+    # A bare small all_reduce: the latency floor every collective pays here.
+    buf = torch.zeros(33, dtype=torch.float64)
+    ts = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        dist.all_reduce(buf)
+        ts.append(time.perf_counter() - t0)
+    out["all_reduce_33_float64_median_ms"] = statistics.median(ts[20:]) * 1e3
+    return out
+
+
+def _worker(rank, port, args, queue):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(THREADS)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    x, y = _fashion_mnist(20000)
+    shard = slice(rank, None, WORKERS)
+    x, y = x[shard], y[shard]
+    models = {k: nn.parallel.DistributedDataParallel(m) for k, m in _models().items()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
+    for k in models:  # warm-up
+        _step_times(models[k], opts[k], x, y, args.batch_size, 5, 0)
+    times = {k: [] for k in models}
+    for block in range(args.steps // BLOCK):
+        order = ("local", "sync") if block % 2 == 0 else ("sync", "local")
+        for k in order:
+            dist.barrier()
+            times[k] += _step_times(models[k], opts[k], x, y, args.batch_size, BLOCK, block * BLOCK)
+    result = {"times": times, "micro": _micro(rank)}
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    queue.put((rank, buf.getvalue()))
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128, help="per worker")
+    args = p.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, args, queue)) for r in range(WORKERS)]
+    for proc in procs:
+        proc.start()
+    results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=1800) for _ in procs)}
+    for proc in procs:
+        proc.join()
+    # A DDP step ends when the slowest rank ends: take the per-step max over ranks.
+    step = {k: [max(t) for t in zip(*(results[r]["times"][k] for r in results))] for k in ("local", "sync")}
+    med = {k: statistics.median(v) for k, v in step.items()}
+    out = {
+        "step_time_ratio_sync_over_local": med["sync"] / med["local"],
+        "step_ms_median": {k: v * 1e3 for k, v in med.items()},
+        "workers": WORKERS, "threads_per_worker": THREADS, "batch_size_per_worker": args.batch_size,
+        "steps_per_mode": len(step["local"]), "model": "LeNet-5-style CNN, 4 BatchNorm layers",
+        "data": "Fashion-MNIST (Debian dataset-fashion-mnist)",
+        "per_layer_fwd_bwd_rank0": results[0]["micro"],
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "command": "python -m benchmarks.syncbn " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    existing[f"batch_{args.batch_size}"] = out
+    primary = existing.get("batch_128", out)
+    existing.update({k: primary[k] for k in ("step_time_ratio_sync_over_local", "workers", "threads_per_worker", "command")})
+    RESULTS.write_text(json.dumps(existing, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
