@@ -79,16 +79,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat([gb_local, gw_local]).double()
-            dist.all_reduce(sums, group=ctx.group)
+            moments.sum_across_ranks(sums, group=ctx.group)
             invstd = torch.rsqrt(var.double() + ctx.eps)
             w64 = w.double()
-            mean_dy = sums[:c] / n
-            mean_dy_xhat = sums[c:] / n
-            shape = [1, c] + [1] * (x.dim() - 2)
-            # d x = w*invstd * (g - mean(g) - xhat * mean(g*xhat)), means over the global batch.
-            shift = (w64 * invstd * mean_dy).to(x.dtype).view(shape)
-            slope = (w64 * invstd * invstd * mean_dy_xhat).to(x.dtype).view(shape)
-            grad_input = grad_eval - shift - (x - mean.view(shape)) * slope
+            # dx = w*invstd*(g - mean(g) - xhat*mean(g*xhat)), means over the global batch, i.e.
+            # grad_eval - shift - (x - mean)*slope. The last two terms are one fused eval-mode
+            # batch_norm of x with weight -slope/invstd and bias -shift.
+            shift = w64 * invstd * sums[:c] / n
+            slope = w64 * invstd * invstd * sums[c:] / n
+            correction = F.batch_norm(x, mean, var, (-slope / invstd).to(x.dtype), (-shift).to(x.dtype),
+                                      training=False, eps=ctx.eps)
+            grad_input = grad_eval.add_(correction) if grad_eval is not grad_out else grad_eval + correction
         grad_weight = gw_local if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = gb_local if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
