@@ -70,7 +70,7 @@ def _step_times(model, opt, x, y, batch, steps, offset):
     return times
 
 
-def _micro(rank, reps=60):
+def _micro(rank, reps=20):
     from tasks.nn import SyncBatchNorm
 
     out = {}
@@ -87,8 +87,9 @@ def _micro(rank, reps=60):
             for _ in range(reps):
                 dist.barrier()
                 t0 = time.perf_counter()
-                layer(x).backward(g)
-                ts.append(time.perf_counter() - t0)
+                for _ in range(10):  # amortizes the skew with which ranks leave the barrier
+                    layer(x).backward(g)
+                ts.append((time.perf_counter() - t0) / 10)
             res[label] = statistics.median(ts[5:])
         out[name] = {"plain_ms": res["plain"] * 1e3, "sync_ms": res["sync"] * 1e3, "ratio": res["sync"] / res["plain"]}
     # A bare small all_reduce: the latency floor every collective pays here.
@@ -109,7 +110,10 @@ def _worker(rank, port, args, queue):
     x, y = _fashion_mnist(20000)
     shard = slice(rank, None, WORKERS)
     x, y = x[shard], y[shard]
-    models = {k: nn.parallel.DistributedDataParallel(m) for k, m in _models().items()}
+    from tasks.train import ddp_kwargs
+
+    # Each mode with the DDP options the train stage gives it.
+    models = {k: nn.parallel.DistributedDataParallel(m, **ddp_kwargs(k)) for k, m in _models().items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
     for k in models:  # warm-up
         _step_times(models[k], opts[k], x, y, args.batch_size, 5, 0)

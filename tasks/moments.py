@@ -148,22 +148,23 @@ def all_reduce(local: Moments, group=None) -> Moments:
     return Moments(n, mean, m2)
 
 
-def sum_across_ranks(tensor, group=None) -> None:
-    """In-place all_reduce(SUM) that waits by polling instead of blocking.
+def sum_across_ranks(tensor, group=None, polls: int = 200) -> None:
+    """In-place all_reduce(SUM) that first polls, then blocks.
 
     A blocking ``wait()`` on a gloo collective parks the calling thread on a condition variable;
     on a busy machine the wake-up adds milliseconds (measured here: median 0.37 ms, p90 3.3 ms for
     33 float64 values between 2 ranks on 2 cores). Polling with ``sched_yield`` leaves the core to
-    gloo's own threads and returns as soon as the result lands (median 0.25 ms, p90 0.34 ms).
+    gloo's own threads and returns as soon as the result lands (median 0.25 ms, p90 0.34 ms). The
+    poll is bounded so that a rank far ahead of its peers does not burn its core while it waits.
     """
     import os
 
     import torch.distributed as dist
 
     work = dist.all_reduce(tensor, group=group, async_op=True)
-    if tensor.is_cuda:
-        work.wait()
-        return
-    while not work.is_completed():
-        os.sched_yield()
-    work.wait()  # re-raises a failed collective's error
+    if not tensor.is_cuda:
+        for _ in range(polls):
+            if work.is_completed():
+                break
+            os.sched_yield()
+    work.wait()  # also re-raises a failed collective's error
