@@ -57,16 +57,17 @@ def empty(num_features: int) -> Moments:
 
 
 def of_array(x: np.ndarray, axis=0) -> Moments:
-    """Moments of ``x`` reduced over ``axis`` (two-pass, float64)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    n = np.float64(np.prod([x64.shape[a] for a in np.atleast_1d(axis)]))
+    """Moments of ``x`` reduced over ``axis`` (two-pass in float64, one float64 copy of ``x``)."""
+    axes = tuple(a % x.ndim for a in np.atleast_1d(axis))
+    n = np.float64(np.prod([x.shape[a] for a in axes]))
     if n == 0:
-        keep = [s for i, s in enumerate(x64.shape) if i not in set(np.atleast_1d(axis) % x64.ndim)]
+        keep = [s for i, s in enumerate(x.shape) if i not in axes]
         return empty(int(np.prod(keep)) if keep else 1)
-    mean = x64.mean(axis=axis)
-    dev = x64 - np.expand_dims(mean, tuple(np.atleast_1d(axis)))
-    m2 = np.square(dev).sum(axis=axis)
-    return Moments(n, mean, m2)
+    x64 = np.array(x, dtype=np.float64)
+    mean = x64.mean(axis=axes)
+    x64 -= np.expand_dims(mean, axes)
+    np.square(x64, out=x64)  # in place: no second N x D temporary
+    return Moments(n, mean, x64.sum(axis=axes))
 
 
 def of_tensor(x, dims) -> Moments:

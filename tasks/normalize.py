@@ -37,8 +37,6 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
         SchemaMismatch: a split whose Arrow schema breaks the example-schema contract.
         DataError: an empty split, or NaN/inf features under ``nonfinite: error``.
     """
-    import ray
-
     expected = arrow.example_schema(raw.num_features)
     for name, split in raw.splits.items():
         first = sorted(Path(split.path).glob("*.parquet"))
@@ -47,7 +45,7 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
         arrow.check(pq.read_schema(first[0]), expected, where=f"normalize input split '{name}'")
 
     groups = _stat_groups(cfg, raw)
-    scans = {name: _scan(ray.data.read_parquet(s.path), groups) for name, s in raw.splits.items()}
+    scans = {name: _scan(s.path, groups) for name, s in raw.splits.items()}
     dropped = {}
     for name, scan in scans.items():
         if scan["rows"] - scan["nonfinite"] == 0:
@@ -72,10 +70,9 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
     splits = {}
     for name, split in raw.splits.items():
         dest = out_dir / name
-        ds = ray.data.read_parquet(split.path).map_batches(
-            _apply_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-            fn_kwargs={"shift": shift, "inv_scale": inv_scale, "schema": out_schema})
-        ds.write_parquet(str(dest))
+        dest.mkdir(parents=True)
+        _over_files(_file_groups(split.path), _transform_files, out_dir=str(dest),
+                    shift=shift, inv_scale=inv_scale, schema=out_schema)
         rows = pq.ParquetDataset(dest).read(columns=[arrow.LABEL]).num_rows
         splits[name] = SplitInfo(path=str(dest), rows=rows, digest=arrow_io.digest_dir(dest))
     result = raw.model_copy(update={"splits": splits})
@@ -93,26 +90,77 @@ def _stat_groups(cfg: NormalizeConfig, raw: Dataset) -> int:
 
 def _block_stats(batch: pa.Table, groups: int) -> dict:
     x = arrow_io.features_numpy(batch)
-    finite = np.isfinite(x).all(axis=1)
-    nonfinite = int(len(x) - finite.sum())
-    if nonfinite:
-        x = x[finite]
+    rows, per = len(x), x.shape[1] // groups
     # (N, D) -> (N, groups, D / groups): per-channel statistics reduce over rows and pixels.
-    xg = x.reshape(len(x), groups, -1)
-    m = moments.of_array(xg, axis=(0, 2))
+    m = moments.of_array(x.reshape(rows, groups, per), axis=(0, 2))
+    nonfinite = 0
+    if not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
+        # NaN/inf poison the sums, so the row-wise check runs only on blocks that hold some.
+        finite = np.isfinite(x).all(axis=1)
+        nonfinite = int(rows - finite.sum())
+        x = x[finite]
+        m = moments.of_array(x.reshape(len(x), groups, per), axis=(0, 2))
+    xg = x.reshape(len(x), groups, per)
     if len(x):
         mn, mx = xg.min(axis=(0, 2)).astype(np.float64), xg.max(axis=(0, 2)).astype(np.float64)
     else:
         mn, mx = np.full(groups, np.inf), np.full(groups, -np.inf)
-    return {"rows": np.array([len(finite)]), "nonfinite": np.array([nonfinite]),
+    return {"rows": np.array([rows]), "nonfinite": np.array([nonfinite]),
             "count": np.array([float(m.count)]), "mean": m.mean[None], "m2": m.m2[None],
             "min": mn[None], "max": mx[None]}
 
 
-def _scan(ds, groups: int) -> dict:
+def _file_groups(path: str) -> list[list[str]]:
+    """A split's Parquet files in about 2 groups per cluster CPU: one Ray Data task each.
+
+    Ray Data's own ``read_parquet`` spends most of its time on per-file planning and re-blocking
+    when a split has many small files (measured here: 8.6-15 s to read 2M x 64 float32 in 123
+    files that pyarrow reads in 2 s), so each task reads its files with pyarrow directly.
+    """
+    import ray
+
+    files = sorted(str(f) for f in Path(path).glob("*.parquet"))
+    parts = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    return [files[i::parts] for i in range(parts) if files[i::parts]]
+
+
+def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list[dict]:
+    """Run ``fn(files, **kwargs) -> dict of 1-row arrays`` on each file group with Ray Data."""
+    import ray
+
+    ds = ray.data.from_items([{"files": g} for g in file_groups], override_num_blocks=len(file_groups))
+
+    def call(batch):
+        return fn(list(batch["files"][0]), **kwargs)
+
+    return ds.map_batches(call, batch_size=1, batch_format="numpy").take_all()
+
+
+def _fit_files(files: list[str], groups: int) -> dict:
+    """Stats of a group of files: each file's block stats, merged with Chan's merge."""
+    parts = [_block_stats(pq.read_table(f), groups) for f in files]
+    m = moments.merge_all([moments.Moments(p["count"][0], p["mean"][0], p["m2"][0]) for p in parts])
+    return {"rows": np.array([sum(int(p["rows"][0]) for p in parts)]),
+            "nonfinite": np.array([sum(int(p["nonfinite"][0]) for p in parts)]),
+            "count": np.array([float(m.count)]), "mean": m.mean[None], "m2": m.m2[None],
+            "min": np.min([p["min"][0] for p in parts], axis=0)[None],
+            "max": np.max([p["max"][0] for p in parts], axis=0)[None]}
+
+
+def _transform_files(files: list[str], out_dir: str, **kwargs) -> dict:
+    """Normalize each file into ``out_dir`` under the same name (so output order and digests are
+    deterministic); returns the rows written."""
+    rows = 0
+    for f in files:
+        out = _apply_block(pq.read_table(f), **kwargs)
+        pq.write_table(out, Path(out_dir) / Path(f).name)
+        rows += out.num_rows
+    return {"rows": np.array([rows])}
+
+
+def _scan(path: str, groups: int) -> dict:
     """One distributed pass: merged moments, min, max and row counts of a split."""
-    parts = ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                           fn_kwargs={"groups": groups}).take_all()
+    parts = _over_files(_file_groups(path), _fit_files, groups=groups)
     merged = moments.merge_all([moments.empty(groups)] + [moments.Moments(p["count"], p["mean"], p["m2"]) for p in parts])
     return {"rows": int(sum(p["rows"] for p in parts)), "nonfinite": int(sum(p["nonfinite"] for p in parts)),
             "moments": merged, "min": np.min([np.full(groups, np.inf)] + [p["min"] for p in parts], axis=0),
