@@ -23,7 +23,12 @@ def connect(cfg: PipelineConfig) -> None:
             # Embedded, single machine: keep every socket (Ray, gloo) on loopback.
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+            # The dashboard serves Ray's State API, which Ray Train's placement-group monitor polls
+            # (without it, it warns every few seconds); it is also where users watch the workers.
+            ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                           log_to_driver=True)
+            if ctx.dashboard_url:
+                print(f"[bnflow] embedded Ray; dashboard at http://{ctx.dashboard_url}", flush=True)
     # Deterministic block order, so written splits (and their digests) repeat run to run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     check_resources(cfg, ray.cluster_resources())

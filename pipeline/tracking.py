@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from schemas import artifacts as A
 from schemas.config import PipelineConfig, flatten
+from schemas.errors import ConfigError
 
 TAG_RUN_ID = "bnflow.run_id"
 TAG_STAGE = "bnflow.stage"
@@ -82,19 +83,33 @@ class Tracker:
         found = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = '{self.run_id}' and tags.`{TAG_STAGE}` = 'pipeline'")
         if found:
+            self._check_same_config(found[0].data.params)
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.run_id,
                                          tags={TAG_RUN_ID: self.run_id, TAG_STAGE: "pipeline"})
             self.parent_id = run.info.run_id
-            params = flatten(self.cfg)
-            params["train.bn_mode"] = self.cfg.train.bn_mode  # the resolved BN mode, not just the knob
-            items = list(params.items())
+            items = list(self._params().items())
             for i in range(0, len(items), 100):
-                self.client.log_batch(self.parent_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i : i + 100]])
+                self.client.log_batch(self.parent_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
             self.client.log_text(self.parent_id, self.cfg.model_dump_json(indent=1), "config.json")
         return self.parent_id
+
+    def _params(self) -> dict[str, str]:
+        params = flatten(self.cfg)
+        params["train.bn_mode"] = self.cfg.train.bn_mode  # the resolved BN mode, not just the knob
+        return {k: v[:6000] for k, v in params.items()}
+
+    def _check_same_config(self, logged: dict[str, str]) -> None:
+        """A resumed run must keep its config: its params in MLflow describe every stage."""
+        changed = [(k, logged.get(k), v) for k, v in self._params().items() if logged.get(k) != v]
+        if changed:
+            k, old, new = changed[0]
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise ConfigError(
+                f"--run-id {self.run_id}: that run was started with {k}={old}, not {new}{more}; "
+                "resume with the same recipe and --set values, or start a new run without --run-id")
 
     def finish(self, ok: bool, summary: Optional[dict] = None) -> None:
         if summary:

@@ -33,6 +33,13 @@ def features_numpy(table_or_batch) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(-1, d)
 
 
+def features_tensor(table_or_batch):
+    """The features column as a float32 torch tensor (copied only when Arrow's buffer is read-only)."""
+    import torch
+
+    return torch.from_numpy(np.require(features_numpy(table_or_batch), requirements="W"))
+
+
 def labels_numpy(table_or_batch) -> np.ndarray:
     col = table_or_batch.column(arrow.LABEL)
     if isinstance(col, pa.ChunkedArray):

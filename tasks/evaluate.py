@@ -31,7 +31,7 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     ds = ray.data.read_parquet(data.split("test").path)
     with torch.no_grad():
         for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=False):
-            x = torch.from_numpy(arrow_io.features_numpy(batch))
+            x = arrow_io.features_tensor(batch)
             y = torch.from_numpy(arrow_io.labels_numpy(batch).astype(np.int64))
             rows += len(y)
             for tag, model in models.items():

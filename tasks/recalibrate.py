@@ -29,7 +29,7 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
 
         def batches():
             for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=False):
-                x = torch.from_numpy(arrow_io.features_numpy(batch))
+                x = arrow_io.features_tensor(batch)
                 if len(x) >= 2:  # a trailing single row has no batch statistics
                     yield x
 

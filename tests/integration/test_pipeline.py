@@ -99,6 +99,15 @@ def test_resume_skips_complete_stages_and_reopens_the_parent(digits_run, capsys)
     assert (storage / "itest-digits" / "train" / "checkpoint.pt").stat().st_mtime == mtime
 
 
+def test_resume_with_a_different_config_is_refused(digits_run, capsys):
+    args, _, client = digits_run
+    before = {r.info.run_id: r.info.status for r in _runs(client, "itest", "itest-digits")}
+    assert main(args + ["--set", "train.epochs=7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"started with train.epochs={EPOCHS}, not 7" in err[0]
+    assert {r.info.run_id: r.info.status for r in _runs(client, "itest", "itest-digits")} == before
+
+
 def test_failed_stage_leaves_no_complete_output_and_exits_2(mlflow_server, tmp_path, capsys):
     src = tmp_path / "user"
     for split in ("train", "test"):

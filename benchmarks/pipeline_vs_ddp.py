@@ -1,0 +1,133 @@
+"""The default recipe through the whole pipeline vs a plain PyTorch DDP script of the same training.
+
+Plain DDP: 2 processes x 1 thread, gloo on loopback, Fashion-MNIST read from the IDX files and
+z-scored with train statistics, the same LeNet-BN, optimizer, schedule, batch size and epochs as the
+recipe, plain BatchNorm (torch's SyncBatchNorm cannot run on CPU). The pipeline runs twice in a
+subprocess, with `train.bn=local` (like for like) and with its default `bn=sync`.
+
+    python -m benchmarks.pipeline_vs_ddp [--epochs 10]
+
+Writes benchmarks/results/pipeline_vs_ddp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_vs_ddp.json"
+
+
+def _plain_ddp(rank, port, epochs, queue):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from pipeline import recipes
+    from tasks.ingest import FASHION_MNIST_DIR, _fashion_mnist
+    from tasks.nn.models import build_model
+    from tasks.train import build_optimizer, build_scheduler
+
+    cfg = recipes.load("fashion_mnist", [f"train.epochs={epochs}"]).train
+    t_start = time.perf_counter()
+    (x, y), (xt, yt) = _fashion_mnist(Path(FASHION_MNIST_DIR))
+    mean, std = x.mean(), x.std()
+    x, xt = torch.from_numpy((x - mean) / std), torch.from_numpy((xt - mean) / std)
+    y, yt = torch.from_numpy(y), torch.from_numpy(yt)
+    x, y = x[rank::2], y[rank::2]
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 784, 10, (1, 28, 28))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(cfg.optimizer, model)
+    sched = build_scheduler(cfg.schedule, opt, cfg.epochs)
+    gen = torch.Generator().manual_seed(rank)
+    epoch_s = []
+    for _ in range(cfg.epochs):
+        t0 = time.perf_counter()
+        ddp.train()
+        order = torch.randperm(len(y), generator=gen)
+        for s in range(len(y) // cfg.batch_size):
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            loss = F.cross_entropy(ddp(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        epoch_s.append(time.perf_counter() - t0)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    if rank == 0:
+        queue.put({"wall_s": time.perf_counter() - t_start, "epoch_s": epoch_s, "test_accuracy": acc})
+    dist.destroy_process_group()
+
+
+def _pipeline(epochs, bn):
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pipeline", "run", "--set", f"train.epochs={epochs}", "--set", f"train.bn={bn}",
+               "--set", f"storage={tmp}/runs", "--set", f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        wall = time.perf_counter() - t0
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        text = out.stdout
+        stages = {m[0]: float(m[1]) for m in re.findall(r"stage \d/\d (\w+): done in ([\d.]+)s", text)}
+        hist = json.loads(next(Path(tmp, "runs").glob("*/train/history.json")).read_text())
+        before = float(re.search(r"before BN recalibration: ([\d.]+)", text)[1])
+        after = float(re.search(r"after  BN recalibration: ([\d.]+)", text)[1])
+    return {"wall_s": wall, "stage_s": stages, "epoch_s": [h["epoch_seconds"] for h in hist],
+            "test_accuracy_before_recal": before, "test_accuracy_after_recal": after}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    args = p.parse_args(argv)
+    from pipeline import recipes
+
+    epochs = args.epochs or recipes.load("fashion_mnist").train.epochs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=_plain_ddp, args=(r, port, epochs, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    plain = queue.get(timeout=3600)
+    for proc in procs:
+        proc.join()
+    plain["wall_s_with_spawn"] = time.perf_counter() - t0
+    print("plain DDP", json.dumps(plain), flush=True)
+    local = _pipeline(epochs, "local")
+    print("pipeline bn=local", json.dumps(local), flush=True)
+    sync = _pipeline(epochs, "sync")
+    print("pipeline bn=sync", json.dumps(sync), flush=True)
+    result = {
+        "epochs": epochs, "workers": 2, "threads_per_worker": 1,
+        "plain_ddp": plain, "pipeline_bn_local": local, "pipeline_bn_sync": sync,
+        "wall_ratio_pipeline_local_over_plain_ddp": local["wall_s"] / plain["wall_s_with_spawn"],
+        "wall_ratio_pipeline_sync_over_plain_ddp": sync["wall_s"] / plain["wall_s_with_spawn"],
+        "command": "python -m benchmarks.pipeline_vs_ddp " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if "ratio" in k}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
