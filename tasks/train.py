@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,7 +137,10 @@ def _train_loop(config: dict) -> None:
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 metrics.update(evaluate_arrays(model, x_val, y_val, device, prefix="val_"))
             history.append({"epoch": epoch, **metrics})
-            print(f"[train] epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            # Progress on the driver's console. Not print(): Ray Train patches it in workers and
+            # every line would reach the driver twice.
+            sys.stdout.write(f"[train] epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + "\n")
+            sys.stdout.flush()
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             with tempfile.TemporaryDirectory() as d:
