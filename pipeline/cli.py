@@ -13,7 +13,7 @@ import secrets
 import sys
 import time
 
-from schemas.errors import ConfigError, UserError
+from schemas.errors import UserError, find_user_error
 
 EXIT_USER_ERROR = 2
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:  # a user error raised inside a Ray worker arrives wrapped
-        inner = _find_user_error(e)
+        inner = find_user_error(e)
         if inner is None:
             raise
         print(f"error: {inner}", file=sys.stderr)
@@ -85,21 +85,6 @@ def _run(args) -> int:
         f"  MLflow run: {parent}  (run id {run_id}; resume with --run-id {run_id})\n"
         f"  open the UI: {ui_command(tracker.uri)}", flush=True)
     return 0
-
-
-def _find_user_error(exc: BaseException) -> UserError | None:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        stack += list(getattr(e, "worker_failures", {}).values()) if isinstance(getattr(e, "worker_failures", None), dict) else []
-    return None
 
 
 if __name__ == "__main__":

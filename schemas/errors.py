@@ -16,3 +16,24 @@ class DataError(UserError):
 
 class SchemaMismatch(DataError):
     """An Arrow schema at a stage boundary that differs from the contract."""
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError inside ``exc``, which Ray wraps (RayTaskError.cause, Ray Train's per-rank
+    worker failures), or None. Ray's own ``RayTaskError(DataError)`` hybrids are skipped in favour
+    of the original inside them: their message carries the remote traceback."""
+    seen, stack, hybrid = set(), [exc], None
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            if not type(e).__module__.startswith("ray."):
+                return e
+            hybrid = hybrid or e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+    return hybrid

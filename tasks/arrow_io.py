@@ -47,16 +47,24 @@ def labels_numpy(table_or_batch) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def digest_dir(path: Path) -> str:
-    """sha256 over the full bytes of every Parquet file of a split, in name order.
-
-    File names are not hashed: writers such as Ray Data put a per-run id in them."""
+def file_digest(path: str | Path) -> str:
+    """sha256 of one file's full bytes."""
     h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.parquet")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
     return h.hexdigest()
+
+
+def combine_digests(file_digests: list[str]) -> str:
+    """A split's digest: sha256 over its files' sha256s in file-name order. Writers that hash each
+    file as they write it need no second read of the split."""
+    return hashlib.sha256("".join(file_digests).encode()).hexdigest()
+
+
+def digest_dir(path: Path) -> str:
+    """The digest of every Parquet file of a split (full content, names excluded)."""
+    return combine_digests([file_digest(f) for f in sorted(Path(path).glob("*.parquet"))])
 
 
 def write_split(table: pa.Table, path: Path) -> SplitInfo:

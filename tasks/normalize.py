@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from schemas import arrow
 from schemas.artifacts import Dataset, NormStatsFile, SplitInfo
 from schemas.config import NormalizeConfig
-from schemas.errors import DataError
+from schemas.errors import DataError, find_user_error
 from tasks import arrow_io, moments
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,11 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
     """
     expected = arrow.example_schema(raw.num_features)
     for name, split in raw.splits.items():
-        first = sorted(Path(split.path).glob("*.parquet"))
-        if not first:
+        if not any(Path(split.path).glob("*.parquet")):
             raise DataError(f"normalize: split '{name}' has no Parquet files under {split.path}")
-        arrow.check(pq.read_schema(first[0]), expected, where=f"normalize input split '{name}'")
 
     groups = _stat_groups(cfg, raw)
-    scans = {name: _scan(s.path, groups) for name, s in raw.splits.items()}
+    scans = {name: _scan(s.path, groups, expected, name) for name, s in raw.splits.items()}
     dropped = {}
     for name, scan in scans.items():
         if scan["rows"] - scan["nonfinite"] == 0:
@@ -58,6 +56,7 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
             log.warning("normalize: dropping %d row(s) with NaN/inf from split '%s'", scan["nonfinite"], name)
 
     stats = _finish(cfg, scans["train"], groups, raw)
+    stats["dropped_rows"] = dropped
     stats_path = out_dir / "norm_stats.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     stats_path.write_text(json.dumps(stats, indent=1))
@@ -71,14 +70,12 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
     for name, split in raw.splits.items():
         dest = out_dir / name
         dest.mkdir(parents=True)
-        _over_files(_file_groups(split.path), _transform_files, out_dir=str(dest),
-                    shift=shift, inv_scale=inv_scale, schema=out_schema)
-        rows = pq.ParquetDataset(dest).read(columns=[arrow.LABEL]).num_rows
-        splits[name] = SplitInfo(path=str(dest), rows=rows, digest=arrow_io.digest_dir(dest))
-    result = raw.model_copy(update={"splits": splits})
-    stats["dropped_rows"] = dropped
-    stats_path.write_text(json.dumps(stats, indent=1))
-    return result, NormStatsFile(path=str(stats_path), version=stats["version"])
+        written = _over_files(_file_groups(split.path), _transform_files, out_dir=str(dest),
+                              shift=shift, inv_scale=inv_scale, schema=out_schema)
+        files = sorted((str(f), str(d), int(n)) for w in written for f, d, n in zip(w["file"], w["digest"], w["rows"]))
+        splits[name] = SplitInfo(path=str(dest), rows=sum(n for _, _, n in files),
+                                 digest=arrow_io.combine_digests([d for _, d, _ in files]))
+    return raw.model_copy(update={"splits": splits}), NormStatsFile(path=str(stats_path), version=stats["version"])
 
 
 def _stat_groups(cfg: NormalizeConfig, raw: Dataset) -> int:
@@ -129,16 +126,28 @@ def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list[dict]:
     import ray
 
     ds = ray.data.from_items([{"files": g} for g in file_groups], override_num_blocks=len(file_groups))
+    ds.context.raise_original_map_exception = True  # this dataset only: keep DataError's type
 
     def call(batch):
         return fn(list(batch["files"][0]), **kwargs)
 
-    return ds.map_batches(call, batch_size=1, batch_format="numpy").take_all()
+    try:
+        return ds.map_batches(call, batch_size=1, batch_format="numpy").take_all()
+    except Exception as e:  # a data-contract error raised in a task arrives wrapped by Ray
+        inner = find_user_error(e)
+        if inner is None:
+            raise
+        raise inner from None
 
 
-def _fit_files(files: list[str], groups: int) -> dict:
-    """Stats of a group of files: each file's block stats, merged with Chan's merge."""
-    parts = [_block_stats(pq.read_table(f), groups) for f in files]
+def _fit_files(files: list[str], groups: int, expected: pa.Schema, split: str) -> dict:
+    """Stats of a group of files: each file's schema checked against the contract, each file's
+    block stats merged with Chan's merge."""
+    parts = []
+    for f in files:
+        table = pq.read_table(f)
+        arrow.check(table.schema, expected, where=f"normalize input split '{split}' ({Path(f).name})")
+        parts.append(_block_stats(table, groups))
     m = moments.merge_all([moments.Moments(p["count"][0], p["mean"][0], p["m2"][0]) for p in parts])
     return {"rows": np.array([sum(int(p["rows"][0]) for p in parts)]),
             "nonfinite": np.array([sum(int(p["nonfinite"][0]) for p in parts)]),
@@ -149,18 +158,22 @@ def _fit_files(files: list[str], groups: int) -> dict:
 
 def _transform_files(files: list[str], out_dir: str, **kwargs) -> dict:
     """Normalize each file into ``out_dir`` under the same name (so output order and digests are
-    deterministic); returns the rows written."""
-    rows = 0
+    deterministic); returns each written file's name, digest and row count."""
+    names, digests, rows = [], [], []
     for f in files:
         out = _apply_block(pq.read_table(f), **kwargs)
-        pq.write_table(out, Path(out_dir) / Path(f).name)
-        rows += out.num_rows
-    return {"rows": np.array([rows])}
+        dest = Path(out_dir) / Path(f).name
+        pq.write_table(out, dest)
+        names.append(dest.name)
+        digests.append(arrow_io.file_digest(dest))  # just written: still in the page cache
+        rows.append(out.num_rows)
+    return {"file": np.array([names], dtype=object), "digest": np.array([digests], dtype=object),
+            "rows": np.array([rows], dtype=object)}
 
 
-def _scan(path: str, groups: int) -> dict:
+def _scan(path: str, groups: int, expected: pa.Schema, split: str) -> dict:
     """One distributed pass: merged moments, min, max and row counts of a split."""
-    parts = _over_files(_file_groups(path), _fit_files, groups=groups)
+    parts = _over_files(_file_groups(path), _fit_files, groups=groups, expected=expected, split=split)
     merged = moments.merge_all([moments.empty(groups)] + [moments.Moments(p["count"], p["mean"], p["m2"]) for p in parts])
     return {"rows": int(sum(p["rows"] for p in parts)), "nonfinite": int(sum(p["nonfinite"] for p in parts)),
             "moments": merged, "min": np.min([np.full(groups, np.inf)] + [p["min"] for p in parts], axis=0),

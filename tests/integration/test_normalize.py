@@ -112,5 +112,7 @@ def test_empty_split_and_schema_mismatch(tmp_path):
     pq.write_table(pa.table({"features": pa.array([[1.0, 2.0, 3.0]], pa.list_(pa.float64(), 3)),
                              "target": pa.array([1])}), f"{test_dir}/part-00000.parquet")
     with pytest.raises(SchemaMismatch, match=r"split 'test'.*field 'features': type fixed_size_list<\w+: double>\[3\], expected "
-                                             r"fixed_size_list<\w+: float>\[3\]; missing field 'label'.*unexpected field 'target'"):
+                                             r"fixed_size_list<\w+: float>\[3\]; missing field 'label'.*unexpected field 'target'") as e:
         normalize(NormalizeConfig(per="feature"), raw, tmp_path / "b" / "n")
+    # Raised in a Ray task, it reaches the caller as the original one-line error, not Ray's wrapper.
+    assert type(e.value) is SchemaMismatch and "\n" not in str(e.value)
