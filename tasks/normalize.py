@@ -137,7 +137,8 @@ def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list[dict]:
         inner = find_user_error(e)
         if inner is None:
             raise
-        raise inner from None
+        # Ray Data appends lines of retry advice to the message; ours is the first line.
+        raise type(inner)(str(inner).splitlines()[0]) from None
 
 
 def _fit_files(files: list[str], groups: int, expected: pa.Schema, split: str) -> dict:
