@@ -197,7 +197,9 @@ def bench_case(name: str, x: np.ndarray, work: Path) -> dict:
         r["std_rel_err_max"] = float(np.max(np.abs(std[nz] - ref_std[nz]) / ref_std[nz]))
         r["rows_per_s_end_to_end"] = n / r["total_s"]
         r["mb_per_s_end_to_end"] = mb / r["total_s"]
+        r["fit_rows_per_s"] = n / r["fit_s"]
         r["fit_mb_per_s"] = mb / r["fit_s"]
+        r["transform_write_rows_per_s"] = n / r["transform_write_s"]
         r["transform_write_mb_per_s"] = mb / r["transform_write_s"]
         r["peak_rss_mb"] = mem.mb
         r["start_rss_mb"] = mem.start_mb

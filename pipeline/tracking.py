@@ -165,6 +165,9 @@ class _StageRun:
             elif isinstance(art, A.NormStatsFile):
                 self.client.log_artifact(self.run_id, art.path)
                 self.client.set_tag(self.run_id, "bnflow.norm_stats_version", art.version)
+                dropped = json.loads(Path(art.path).read_text()).get("dropped_rows", {})
+                self.client.log_batch(self.run_id, metrics=[
+                    Metric(f"dropped_rows_{split}", float(dropped.get(split, 0)), 0, 0) for split in ("train", "val", "test")])
             elif isinstance(art, A.Checkpoint):
                 self._log_model(name, art)
             elif isinstance(art, A.TrainHistory):

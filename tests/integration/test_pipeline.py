@@ -68,6 +68,7 @@ def test_artifacts_inputs_and_models(digits_run):
     names = {a.path for a in client.list_artifacts(ev)}
     assert {"confusion_matrix.png", "loss_curves.png", "evaluation.json"} <= names
     assert "norm_stats.json" in {a.path for a in client.list_artifacts(runs["normalize"].info.run_id)}
+    assert runs["normalize"].data.metrics["dropped_rows_test"] == 0.0
 
     manifest = json.loads((storage / "itest-digits" / "normalize" / "manifest.json").read_text())
     inputs = client.get_run(runs["normalize"].info.run_id).inputs.dataset_inputs
