@@ -72,7 +72,7 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
         dest.mkdir(parents=True)
         written = _over_files(_file_groups(split.path), _transform_files, out_dir=str(dest),
                               shift=shift, inv_scale=inv_scale, schema=out_schema)
-        files = sorted((str(f), str(d), int(n)) for w in written for f, d, n in zip(w["file"], w["digest"], w["rows"]))
+        files = sorted((str(w["file"]), str(w["digest"]), int(w["rows"])) for w in written)
         splits[name] = SplitInfo(path=str(dest), rows=sum(n for _, _, n in files),
                                  digest=arrow_io.combine_digests([d for _, d, _ in files]))
     return raw.model_copy(update={"splits": splits}), NormStatsFile(path=str(stats_path), version=stats["version"])
@@ -122,7 +122,8 @@ def _file_groups(path: str) -> list[list[str]]:
 
 
 def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list[dict]:
-    """Run ``fn(files, **kwargs) -> dict of 1-row arrays`` on each file group with Ray Data."""
+    """Run ``fn(files, **kwargs) -> dict of equal-length arrays`` on each file group with Ray
+    Data; returns all their rows."""
     import ray
 
     ds = ray.data.from_items([{"files": g} for g in file_groups], override_num_blocks=len(file_groups))
@@ -168,8 +169,7 @@ def _transform_files(files: list[str], out_dir: str, **kwargs) -> dict:
         names.append(dest.name)
         digests.append(arrow_io.file_digest(dest))  # just written: still in the page cache
         rows.append(out.num_rows)
-    return {"file": np.array([names], dtype=object), "digest": np.array([digests], dtype=object),
-            "rows": np.array([rows], dtype=object)}
+    return {"file": np.array(names), "digest": np.array(digests), "rows": np.array(rows)}  # a row per file
 
 
 def _scan(path: str, groups: int, expected: pa.Schema, split: str) -> dict:
