@@ -31,7 +31,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        # address="local": a fresh instance even if a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     yield ray
     ray.shutdown()
