@@ -3,8 +3,9 @@
 ``torch.nn.SyncBatchNorm`` has CUDA/XPU kernels only and raises on CPU tensors. This module is a
 drop-in subclass: on CUDA tensors it delegates to torch's implementation; everywhere else (CPU,
 gloo) it normalizes with the statistics of the concatenation of all ranks' batches (Ioffe &
-Szegedy 2015), computed with one all_reduce of 2C+1 float64 values in the forward pass and one of
-2C values in the backward pass.
+Szegedy 2015), computed with one all-reduce of 2C+1 float64 values in the forward pass and one of
+2C values in the backward pass (``tasks.collectives``: shared memory between ranks on one host,
+gloo across hosts).
 
 Note that:
   * Ranks may hold different batch sizes, including empty ones; every rank still joins every
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tasks import moments
+from tasks import collectives, moments
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -79,7 +80,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat([gb_local, gw_local]).double()
-            moments.sum_across_ranks(sums, group=ctx.group)
+            collectives.sum_across_ranks(sums, group=ctx.group)
             invstd = torch.rsqrt(var.double() + ctx.eps)
             w64 = w.double()
             # dx = w*invstd*(g - mean(g) - xhat*mean(g*xhat)), means over the global batch, i.e.

@@ -55,26 +55,32 @@ def _global_input(sizes, spatial, dtype, offset, seed, c=3):
 
 
 def _count_all_reduce(fn):
+    """Sizes of the all-reduces SyncBatchNorm issues while ``fn`` runs (either transport)."""
+    from tasks import collectives
+
     calls = []
-    real = dist.all_reduce
+    real = collectives.sum_across_ranks
 
     def counting(tensor, *a, **k):
         calls.append(tensor.numel())
         return real(tensor, *a, **k)
 
-    dist.all_reduce = counting
+    collectives.sum_across_ranks = counting
     try:
         fn()
     finally:
-        dist.all_reduce = real
+        collectives.sum_across_ranks = real
     return calls
 
 
-def _worker(rank, world, port, queue):
+def _worker(rank, world, transport, port, queue):
+    from tasks import collectives
+
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    out = {}
+    collectives._force_gloo = transport == "gloo"
+    out = {"transport": collectives.transport()}
     for i, (name, sizes, spatial, dtype, momentum, offset) in enumerate(_cases(world)):
         x, g, w, b = _global_input(sizes, spatial, dtype, offset, seed=i)
         lo = sum(sizes[:rank])
@@ -152,19 +158,21 @@ def _reference(x, g, w, b, momentum, eps=EPS):
     )
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+@pytest.fixture(scope="module", params=[(2, "shm"), (3, "shm"), (2, "gloo"), (3, "gloo")],
+                ids=["world2-shm", "world3-shm", "world2-gloo", "world3-gloo"])
 def world_results(request):
-    world = request.param
+    world, transport = request.param
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, transport, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
     results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=180) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    assert all(results[r]["transport"] == transport for r in range(world))  # the path under test ran
     return world, [results[r] for r in range(world)]
 
 

@@ -1,0 +1,94 @@
+"""The shared-memory all-reduce against exact sums, on real 3-rank groups of processes."""
+
+import io
+import os
+import random
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROUNDS = 300
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, queue):
+    from tasks import collectives
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out = {"transport": collectives.transport()}
+    rng = random.Random(rank)
+    results = []
+    for k in range(ROUNDS):
+        n = 1 + (k * 7) % 50
+        t = torch.arange(n, dtype=torch.float64) * (rank + 1) + k / 3
+        if rng.random() < 0.2:
+            time.sleep(rng.random() * 2e-3)  # skew between ranks: slots must not be overwritten early
+        collectives.sum_across_ranks(t)
+        results.append(t)
+    out["results"] = results
+    big = torch.full((collectives.MAX_ELEMS + 1,), float(rank + 1), dtype=torch.float64)
+    collectives.sum_across_ranks(big)  # too large for a slot: the gloo path
+    out["big"] = float(big[0]), float(big[-1])
+    # A peer that never arrives: the waiting rank raises instead of spinning forever.
+    reducer = collectives.HostReducer(None, max_elems=4, timeout_s=0.5)
+    if rank == 0:
+        try:
+            reducer.sum_(torch.ones(2, dtype=torch.float64))
+            out["timeout"] = None
+        except RuntimeError as e:
+            out["timeout"] = str(e)
+    dist.barrier()
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    queue.put((rank, buf.getvalue()))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    world = 3
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=180) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [results[r] for r in range(world)]
+
+
+def test_one_host_uses_shared_memory(ranks):
+    assert [r["transport"] for r in ranks] == ["shm"] * 3
+
+
+def test_every_round_is_the_exact_sum_and_bit_identical_on_all_ranks(ranks):
+    for k in range(ROUNDS):
+        n = 1 + (k * 7) % 50
+        expect = sum(torch.arange(n, dtype=torch.float64) * (r + 1) + k / 3 for r in range(3))
+        for r in ranks:
+            assert torch.equal(r["results"][k], ranks[0]["results"][k])
+        assert torch.allclose(ranks[0]["results"][k], expect, rtol=0, atol=1e-12)
+
+
+def test_oversize_tensor_falls_back_to_gloo(ranks):
+    assert all(r["big"] == (6.0, 6.0) for r in ranks)
+
+
+def test_missing_peer_times_out_with_a_clear_error(ranks):
+    msg = ranks[0]["timeout"]
+    assert msg is not None and "rank(s) [1, 2] did not reach collective 1 within 0.5s" in msg
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("bnflow-syncbn-")]  # nothing left behind
