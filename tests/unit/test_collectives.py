@@ -1,31 +1,21 @@
 """The shared-memory all-reduce against exact sums, on real 3-rank groups of processes."""
 
-import io
 import os
 import random
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.gloo_group import run_group
 
 ROUNDS = 300
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, queue):
+def _worker(rank, world):
     from tasks import collectives
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out = {"transport": collectives.transport()}
     rng = random.Random(rank)
     results = []
@@ -49,26 +39,12 @@ def _worker(rank, world, port, queue):
         except RuntimeError as e:
             out["timeout"] = str(e)
     dist.barrier()
-    buf = io.BytesIO()
-    torch.save(out, buf)
-    queue.put((rank, buf.getvalue()))
-    dist.destroy_process_group()
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    world = 3
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=180) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return [results[r] for r in range(world)]
+    return run_group(_worker, 3)
 
 
 def test_one_host_uses_shared_memory(ranks):

@@ -4,26 +4,15 @@ Each world size is spawned once; every rank runs all cases in the same process g
 its pieces; the parent compares them with a float64 reference written with plain tensor ops.
 """
 
-import io
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from tasks.nn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from tests.gloo_group import run_group
 
 EPS = 1e-5
 SHAPES = {1: (), 2: (7,), 3: (3, 4), 4: (2, 3, 2)}  # spatial dims for inputs of rank 2..5
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cases(world):
@@ -73,12 +62,9 @@ def _count_all_reduce(fn):
     return calls
 
 
-def _worker(rank, world, transport, port, queue):
+def _worker(rank, world, transport):
     from tasks import collectives
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     collectives._force_gloo = transport == "gloo"
     out = {"transport": collectives.transport()}
     for i, (name, sizes, spatial, dtype, momentum, offset) in enumerate(_cases(world)):
@@ -131,10 +117,7 @@ def _worker(rank, world, transport, port, queue):
         out["tiny_error"] = None
     except ValueError as e:
         out["tiny_error"] = str(e)
-    buf = io.BytesIO()  # plain bytes: shared-memory tensors die with this process
-    torch.save(out, buf)
-    queue.put((rank, buf.getvalue()))
-    dist.destroy_process_group()
+    return out
 
 
 def _reference(x, g, w, b, momentum, eps=EPS):
@@ -162,18 +145,9 @@ def _reference(x, g, w, b, momentum, eps=EPS):
                 ids=["world2-shm", "world3-shm", "world2-gloo", "world3-gloo"])
 def world_results(request):
     world, transport = request.param
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, transport, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=180) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert all(results[r]["transport"] == transport for r in range(world))  # the path under test ran
-    return world, [results[r] for r in range(world)]
+    ranks = run_group(_worker, world, transport)
+    assert all(r["transport"] == transport for r in ranks)  # the path under test ran
+    return world, ranks
 
 
 def _tol(dtype):
