@@ -14,6 +14,10 @@ class DataError(UserError):
     """Input data that breaks the data contract (bad values, missing columns, empty splits)."""
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf: the optimizer settings (learning rate, clipping) need changing."""
+
+
 class SchemaMismatch(DataError):
     """An Arrow schema at a stage boundary that differs from the contract."""
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from schemas import arrow
 from schemas.artifacts import Dataset, NormStatsFile, SplitInfo
-from schemas.config import NormalizeConfig
+from schemas.config import NormalizeConfig, config_hash
 from schemas.errors import DataError, find_user_error
 from tasks import arrow_io, moments
 
@@ -207,8 +207,6 @@ def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> dict
         # Per-feature vectors ready to apply: x_norm = (x - shift) / scale.
         "shift": np.repeat(shift, per_unit).tolist(), "scale": np.repeat(scale, per_unit).tolist(),
     }
-    from schemas.config import config_hash
-
     body["config_hash"] = config_hash(cfg)
     body["version"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return body
