@@ -32,6 +32,7 @@ test: setup data
 bench: setup data
 	$(PY) -m benchmarks.syncbn
 	$(PY) -m benchmarks.normalize
+	$(PY) -m benchmarks.pipeline_vs_ddp
 
 clean:
 	rm -rf runs mlflow.db mlartifacts

@@ -149,7 +149,7 @@ def run_ray_data(wide: Path, out: Path, d: int) -> dict:
 def run_bnflow(listed: Path, out: Path, d: int) -> dict:
     """The public stage entry on a dataset with only a train split: schema check, fit, transform,
     write, output digest -- everything the pipeline pays for."""
-    from schemas.artifacts import Dataset, SplitInfo
+    from schemas.artifacts import Dataset, NormStats, SplitInfo
     from schemas.config import NormalizeConfig
     from tasks import normalize as N
 
@@ -171,7 +171,7 @@ def run_bnflow(listed: Path, out: Path, d: int) -> dict:
         total = time.perf_counter() - t0
     finally:
         N._scan = real_scan
-    std = np.asarray(N.load_stats(stats_file.path)["std"])
+    std = np.asarray(NormStats.load(stats_file.path).std)
     return {"fit_s": fit_s["t"], "transform_write_s": total - fit_s["t"], "total_s": total, "std": std}
 
 

@@ -5,7 +5,7 @@ process holds two DDP models (plain BN and tasks.nn.SyncBatchNorm) and alternate
 steps between them, so machine noise hits both alike; the ratio of median step times is reported.
 Then a per-layer forward+backward microbenchmark.
 
-    python -m benchmarks.syncbn [--steps 120] [--batch-size 128]
+    python -m benchmarks.syncbn [--steps 200] [--batch-size 128]
 
 Writes benchmarks/results/syncbn.json.
 """

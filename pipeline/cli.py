@@ -1,20 +1,27 @@
 """``python -m pipeline``: run a recipe, show the resolved config, or print its JSON schema.
 
-A user error (bad recipe, bad data, too many workers) prints one line and exits with code 2.
+A user error (bad recipe, bad data, too many workers, a run id in use) prints one line and exits
+with code 2; Ctrl-C exits 130 and SIGTERM 143, with the open MLflow runs marked KILLED.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import re
 import secrets
+import signal
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-from schemas.errors import UserError, find_user_error
+from schemas.errors import ConfigError, UserError, find_user_error
 
 EXIT_USER_ERROR = 2
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run (or resume) a recipe end to end"), ("show-config", "print the resolved config")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--recipe", default=None, help="recipe name in recipes/ or a YAML path (default: fashion_mnist)")
+        p.add_argument("--recipe", default=None, help="recipe name (one of the shipped recipes) or a YAML path (default: fashion_mnist)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field, e.g. --set train.epochs=3 (repeatable)")
-    sub.choices["run"].add_argument("--run-id", default=None, help="resume this run id (completed stages are skipped)")
+    run = sub.choices["run"]
+    run.add_argument("--run-id", default=None, help="resume this run id (completed stages are skipped, training continues from its last epoch)")
+    run.add_argument("--wait-for-lock", action="store_true", help="if another process works on this run id, wait for it instead of exiting")
     sub.choices["show-config"].add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
     args = parser.parse_args(argv)
     try:
@@ -54,36 +63,111 @@ def _show_config(args) -> int:
     return 0
 
 
+class Interrupted(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted()
+
+
 def _run(args) -> int:
     from pipeline import recipes
 
     cfg = recipes.load(args.recipe, args.overrides)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_id = args.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only (no path separators), "
+                          "starting with a letter or digit, at most 128 characters")
 
-    from pipeline import cluster, runner
-    from pipeline.tracking import Tracker, ui_command
+    from pipeline import cluster, dag, runner
+    from pipeline.lease import Lease
+    from pipeline.tracking import Tracker, check_reachable, ui_command
+    from tasks.console import say
+    from tasks.ingest import check_source
 
-    cluster.connect(cfg)
-    tracker = Tracker(cfg, run_id)
-    parent = tracker.start()
-    print(f"[bnflow] run {run_id}: MLflow run {parent} in {tracker.uri}", flush=True)
+    cfg = _credentials_out_of_config(cfg)
+    check_source(cfg.data)  # bad source files answer in a second, before Ray or MLflow start
+    root = _writable_run_dir(cfg.storage, run_id)
+    tracker = None
+    check_reachable(Tracker.uri_for(cfg))
+    lease = Lease(root, run_id).acquire(wait=args.wait_for_lock)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     t0 = time.perf_counter()
     try:
+        cluster.connect(cfg)
+        tracker = Tracker(cfg, run_id, derived=dag.derived_params(cfg))
+        parent = tracker.start()
+        say(f"run {run_id}: MLflow run {parent} in {tracker.uri}")
         produced = runner.run(cfg, run_id, tracker)
+        metrics = produced["evaluation"].metrics
+        tracker.finish("FINISHED", summary={k: v for k, v in metrics.items() if k.startswith("test_")})
+    except (KeyboardInterrupt, Interrupted) as e:
+        code = 130 if isinstance(e, KeyboardInterrupt) else 143
+        _stop_quietly(tracker)
+        print(f"interrupted; resume with --run-id {run_id}", file=sys.stderr)
+        return code
     except BaseException:
-        tracker.finish(ok=False)
+        if tracker is not None and tracker.parent_id is not None:
+            tracker.finish("FAILED")
         raise
-    metrics = produced["evaluation"].metrics
-    tracker.finish(ok=True, summary={k: v for k, v in metrics.items() if k.startswith("test_")})
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        lease.release()
     before, after = metrics["test_accuracy_before_recal"], metrics["test_accuracy_after_recal"]
     print(
         f"\n[bnflow] done in {time.perf_counter() - t0:.0f}s  (bn: {cfg.train.bn_mode}, workers: {cfg.train.workers})\n"
         f"  test accuracy before BN recalibration: {before:.4f}\n"
         f"  test accuracy after  BN recalibration: {after:.4f}\n"
         f"  MLflow run: {parent}  (run id {run_id}; resume with --run-id {run_id})\n"
-        f"  open the UI: {ui_command(tracker.uri)}", flush=True)
+        f"  open the UI: {ui_command(tracker.uri, tracker.experiment_id, parent)}", flush=True)
     return 0
+
+
+def _stop_quietly(tracker) -> None:
+    """After an interruption: stop the training workers first (nothing may log after the run is
+    marked), then mark the open runs KILLED. A tracking outage must not turn this into a traceback."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if tracker is not None and tracker.parent_id is not None:
+        try:
+            tracker.finish("KILLED")
+        except Exception:
+            pass
+
+
+def _credentials_out_of_config(cfg):
+    """Move user:password of an http tracking URI into MLflow's credential variables, so the URI
+    that reaches params, artifacts and the console carries none."""
+    from pipeline.tracking import CREDENTIAL_ENV, default_tracking_uri, split_credentials
+
+    uri = default_tracking_uri(cfg.tracking.uri)
+    clean, user, password = split_credentials(uri)
+    if clean == uri:
+        return cfg
+    for key, value in zip(CREDENTIAL_ENV, (user, password)):
+        if value is not None:
+            os.environ[key] = value
+    if cfg.tracking.uri:
+        return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": clean})})
+    os.environ["MLFLOW_TRACKING_URI"] = clean
+    return cfg
+
+
+def _writable_run_dir(storage: str, run_id: str) -> Path:
+    root = Path(storage).resolve() / run_id
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"storage={storage}: cannot write there ({e.strerror or e}); set storage to a writable directory "
+                          "(on a cluster: one every node sees)") from None
+    return root
 
 
 if __name__ == "__main__":

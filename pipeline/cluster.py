@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 
 from schemas.config import PipelineConfig
 from schemas.errors import ConfigError
@@ -18,6 +20,7 @@ def connect(cfg: PipelineConfig) -> None:
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
+            check_reachable(os.environ["RAY_ADDRESS"])
             ray.init()
         else:
             # Embedded, single machine: keep every socket (Ray, gloo) on loopback.
@@ -32,6 +35,24 @@ def connect(cfg: PipelineConfig) -> None:
     # Deterministic block order, so written splits (and their digests) repeat run to run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     check_resources(cfg, ray.cluster_resources())
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when RAY_ADDRESS names nothing that answers.
+
+    Raises:
+        ConfigError: naming the address and the fix.
+    """
+    if address in ("auto", "local"):
+        return
+    parts = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
+    if not parts.hostname or not parts.port:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}); start it "
+                          "(ray start --head) or unset RAY_ADDRESS to run on an embedded Ray") from None
 
 
 def check_resources(cfg: PipelineConfig, resources: dict) -> None:

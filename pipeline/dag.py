@@ -3,26 +3,32 @@
     ingest -> normalize -> train -> recalibrate -> evaluate
 
 Each node names the function it runs, the config section it receives as ``cfg``, the artifacts it
-takes (function parameter -> artifact name) and the artifacts it produces, with their types (the
-runner uses them to write and read stage manifests).
+takes (function parameter -> artifact name), the artifacts it produces with their types (the
+runner writes and reads them in stage manifests), the sinks the runner hands it (parameter ->
+sink name: callables such as the per-epoch metrics logger, which are not inputs of its result), and
+the derived params worth logging beside its config.
 """
 
 from __future__ import annotations
 
 import difflib
+import graphlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from schemas import artifacts as A
+from schemas.config import PipelineConfig
 from tasks.evaluate import evaluate
-from tasks.ingest import ingest
+from tasks.ingest import ingest, source_fingerprint
 from tasks.normalize import normalize
 from tasks.recalibrate import recalibrate
 from tasks.train import train
 
-# Values the runner supplies itself rather than a stage: the seed and the per-epoch metrics sink.
-RUNTIME_INPUTS = ("seed", "epoch_logger")
+# Values the runner supplies itself rather than a stage; they are part of a stage's cache key.
+RUNTIME_VALUES = ("seed",)
+# Callables the runner supplies per stage run; they receive results and do not shape them.
+SINKS = ("epoch_logger",)
 
 
 class DagError(Exception):
@@ -36,14 +42,17 @@ class Node:
     config: str
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, type] = field(default_factory=dict)
+    sinks: dict[str, str] = field(default_factory=dict)
+    params: Optional[Callable] = None  # section -> {dotted name: value}: derived values to log as params
+    source: Optional[Callable] = None  # section -> str: fingerprint of what the stage reads from outside the run
 
 
 PIPELINE: tuple[Node, ...] = (
-    Node("ingest", ingest, "data", {"seed": "seed"}, {"raw": A.Dataset}),
+    Node("ingest", ingest, "data", {"seed": "seed"}, {"raw": A.Dataset}, source=source_fingerprint),
     Node("normalize", normalize, "normalize", {"raw": "raw"}, {"data": A.Dataset, "norm_stats": A.NormStatsFile}),
-    Node("train", train, "train",
-         {"data": "data", "norm_stats": "norm_stats", "seed": "seed", "on_epoch": "epoch_logger"},
-         {"trained": A.Checkpoint, "history": A.TrainHistory}),
+    Node("train", train, "train", {"data": "data", "norm_stats": "norm_stats", "seed": "seed"},
+         {"trained": A.Checkpoint, "history": A.TrainHistory}, sinks={"on_epoch": "epoch_logger"},
+         params=lambda section: {"train.bn_mode": section.bn_mode}),  # the resolved mode, not just the knob
     Node("recalibrate", recalibrate, "recalibrate", {"checkpoint": "trained", "data": "data"},
          {"recalibrated": A.Checkpoint}),
     Node("evaluate", evaluate, "evaluate",
@@ -52,55 +61,63 @@ PIPELINE: tuple[Node, ...] = (
 )
 
 
-def validate(nodes: tuple[Node, ...], runtime: tuple[str, ...] = RUNTIME_INPUTS) -> list[Node]:
+def derived_params(cfg: PipelineConfig, nodes: tuple[Node, ...] = PIPELINE) -> dict[str, str]:
+    """Every node's derived params for ``cfg`` (logged on the parent run beside the config)."""
+    out: dict[str, str] = {}
+    for n in nodes:
+        if n.params is not None:
+            out.update({k: str(v) for k, v in n.params(getattr(cfg, n.config)).items()})
+    return out
+
+
+def validate(nodes: tuple[Node, ...]) -> list[Node]:
     """Check the wiring and return the nodes in topological order.
 
     Raises:
-        DagError: duplicate names, two producers of one artifact, an input nobody produces (with a
-            "did you mean"), a cycle, or inputs that do not bind to the function's signature.
+        DagError: duplicate names, a config section the config tree does not have, two producers
+            of one artifact, an input nobody produces or an unknown sink (with a "did you mean"),
+            a cycle, or inputs that do not bind to the function's signature.
     """
     names = [n.name for n in nodes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DagError(f"duplicate stage names: {dupes}")
+    sections = list(PipelineConfig.model_fields)
     producer: dict[str, str] = {}
     for n in nodes:
+        if n.config not in sections:
+            raise DagError(f"stage '{n.name}' takes config section '{n.config}', which the config tree lacks{_hint(n.config, sections)}")
         for out in n.outputs:
-            if out in producer or out in runtime:
+            if out in producer or out in RUNTIME_VALUES or out in SINKS:
                 raise DagError(f"artifact '{out}' has two producers: '{producer.get(out, 'runtime')}' and '{n.name}'")
             producer[out] = n.name
     for n in nodes:
         for param, art in n.inputs.items():
-            if art not in producer and art not in runtime:
-                close = difflib.get_close_matches(art, list(producer) + list(runtime), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise DagError(f"stage '{n.name}' input '{param}' wants artifact '{art}', which no stage produces{hint}")
+            if art not in producer and art not in RUNTIME_VALUES:
+                raise DagError(f"stage '{n.name}' input '{param}' wants artifact '{art}', which no stage produces"
+                               f"{_hint(art, list(producer) + list(RUNTIME_VALUES))}")
+        for param, sink in n.sinks.items():
+            if sink not in SINKS:
+                raise DagError(f"stage '{n.name}' sink '{param}' wants '{sink}', which the runner does not supply{_hint(sink, SINKS)}")
         _check_signature(n)
 
-    order: list[Node] = []
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    graph = {n.name: {producer[a] for a in n.inputs.values() if a in producer} for n in nodes}
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        raise DagError("cycle: " + " -> ".join(e.args[1])) from None
     by_name = {n.name: n for n in nodes}
+    return [by_name[name] for name in order]
 
-    def visit(n: Node, path: list[str]):
-        if state.get(n.name) == 2:
-            return
-        if state.get(n.name) == 1:
-            raise DagError("cycle: " + " -> ".join(path + [n.name]))
-        state[n.name] = 1
-        for art in n.inputs.values():
-            if art in producer:
-                visit(by_name[producer[art]], path + [n.name])
-        state[n.name] = 2
-        order.append(n)
 
-    for n in nodes:
-        visit(n, [])
-    return order
+def _hint(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _check_signature(n: Node) -> None:
     params = inspect.signature(n.fn).parameters
-    given = set(n.inputs) | {"cfg", "out_dir"}
+    given = set(n.inputs) | set(n.sinks) | {"cfg", "out_dir"}
     unknown = given - set(params)
     if unknown:
         raise DagError(f"stage '{n.name}': {n.fn.__name__}() has no parameter(s) {sorted(unknown)}")

@@ -1,85 +1,163 @@
 """Walks the DAG in topological order: skip what is complete, run the rest, record everything.
 
-A stage's outputs live under ``<storage>/<run id>/<stage>/``; its manifest (the outputs, the
-config hash and the digest of its inputs) is written last and atomically. A stage whose manifest
-exists and matches its inputs is not run again; any other content of its directory is treated as
-debris from a failed attempt and removed before the stage runs.
+A stage writes into ``<storage>/<run id>/<stage>.partial/`` and, once its outputs and manifest are
+written, that directory is renamed to ``<storage>/<run id>/<stage>/``: a stage directory without
+``.partial`` is always complete, and nothing ever writes into it again. The manifest records the
+stage's outputs and what they were made from: the config section's hash, the seed where the stage
+takes it, the content digest of every input artifact (split digests, statistics versions,
+checkpoint digests) and, for ingest, a fingerprint of the source files.
+
+On a resumed run, a complete stage whose recorded inputs equal today's is skipped. One whose
+inputs differ (the source data or an upstream artifact changed) is refused: a run id names one
+set of inputs. A ``.partial`` directory is debris of an interrupted attempt and is removed, except
+for stages declared resumable (train), which continue from their own checkpoints in it.
+
+The caller holds the run's lease (``pipeline.lease``): one process at a time works in a run directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from pipeline.dag import PIPELINE, Node, validate
 from pipeline.tracking import Tracker
 from schemas.config import PipelineConfig, config_hash
+from schemas.errors import ConfigError
+from tasks.console import say
 
-log = logging.getLogger("bnflow")
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = "1"
+MANIFEST_VERSION = "2"
+PARTIAL = ".partial"
+RESUMABLE = ("train",)  # stages that continue from their own checkpoints in their .partial directory
 
 
 def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, ...] = PIPELINE) -> dict:
-    """Run (or resume) pipeline ``run_id``; returns every artifact by name."""
+    """Run (or resume) pipeline ``run_id``; returns every artifact by name.
+
+    Raises:
+        ConfigError: a complete stage of this run id was made from other inputs than today's.
+    """
     order = validate(nodes)
     root = Path(cfg.storage).resolve() / run_id
-    root.mkdir(parents=True, exist_ok=True)
     produced: dict = {"seed": cfg.seed}
-    keys: dict[str, str] = {}
     for i, node in enumerate(order, 1):
         section = getattr(cfg, node.config)
-        key = _input_key(node, section, keys, cfg.seed)
-        stage_dir = root / node.name
-        outputs = _load_manifest(stage_dir, node, key)
+        made_from = _made_from(node, section, produced, cfg.seed)
+        stage_dir, partial = root / node.name, root / f"{node.name}{PARTIAL}"
+        outputs = _load_manifest(stage_dir, node, made_from, run_id)
         if outputs is not None:
-            print(f"[bnflow] stage {i}/{len(order)} {node.name}: complete in {stage_dir}, skipped", flush=True)
-            tracker.stage_skipped(node.name)
+            say(f"stage {i}/{len(order)} {node.name}: complete in {stage_dir}, skipped")
+            tracker.stage_skipped(node.name, section, node.params, outputs)
         else:
-            if stage_dir.exists():
-                shutil.rmtree(stage_dir)
-            stage_dir.mkdir(parents=True)
-            print(f"[bnflow] stage {i}/{len(order)} {node.name}: running", flush=True)
+            _prepare(partial, resumable=node.name in RESUMABLE, made_from=made_from)
+            say(f"stage {i}/{len(order)} {node.name}: running")
             t0 = time.perf_counter()
-            with tracker.stage(node.name, section) as stage:
-                kwargs = {p: (stage.epoch_logger() if art == "epoch_logger" else produced[art]) for p, art in node.inputs.items()}
-                result = node.fn(cfg=section, out_dir=stage_dir, **kwargs)
-                values = result if isinstance(result, tuple) else (result,)
-                outputs = dict(zip(node.outputs, values))
+            with tracker.stage(node.name, section, node.params) as stage:
+                sinks = {"epoch_logger": stage.epoch_logger}
+                kwargs = {p: produced[a] for p, a in node.inputs.items()}
+                kwargs.update({p: sinks[s]() for p, s in node.sinks.items()})
+                result = node.fn(cfg=section, out_dir=partial, **kwargs)
+                outputs = _check_outputs(node, result, partial, stage_dir)
+                _write_manifest(partial, node, made_from, outputs)
+                _publish(partial, stage_dir)
                 stage.log_outputs(outputs)
-                _write_manifest(stage_dir, node, key, outputs)
-            print(f"[bnflow] stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s", flush=True)
-        for name in node.outputs:
-            keys[name] = key
+            say(f"stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s")
         produced.update(outputs)
     return produced
 
 
-def _input_key(node: Node, section, keys: dict[str, str], seed: int) -> str:
-    """What a stage's result depends on: its config and the keys of the artifacts it reads."""
-    parts = {"config": config_hash(section), "seed": seed if "seed" in node.inputs.values() else None,
-             "inputs": {p: keys.get(a) for p, a in node.inputs.items() if a != "epoch_logger"}}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+def _made_from(node: Node, section, produced: dict, seed: int) -> dict:
+    """What a stage's result depends on: its config, its seed, its inputs' contents, its source."""
+    inputs = {p: artifact_digest(produced[a]) for p, a in node.inputs.items() if a != "seed"}
+    made = {"config": config_hash(section), "seed": seed if "seed" in node.inputs.values() else None, "inputs": inputs}
+    if node.source is not None:
+        made["source"] = node.source(section)
+    return made
 
 
-def _write_manifest(stage_dir: Path, node: Node, key: str, outputs: dict) -> None:
-    body = {"manifest_version": MANIFEST_VERSION, "stage": node.name, "input_key": key,
+def artifact_digest(art: BaseModel) -> str:
+    """An artifact's identity: its fields carry content digests (splits, statistics, checkpoints)."""
+    return hashlib.sha256(art.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _prepare(partial: Path, resumable: bool, made_from: dict) -> None:
+    """A .partial directory for this attempt: an interrupted attempt's is kept for a resumable stage
+    with the same inputs, removed otherwise."""
+    key_file = partial / ".made_from.json"
+    if partial.exists():
+        same = key_file.exists() and json.loads(key_file.read_text()) == made_from
+        if not (resumable and same):
+            _remove(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(made_from, sort_keys=True))
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory by first renaming it aside: a crash midway leaves no half-deleted stage."""
+    aside = path.with_name(f"{path.name}.trash-{uuid.uuid4().hex[:8]}")
+    os.rename(path, aside)
+    shutil.rmtree(aside)
+
+
+def _check_outputs(node: Node, result, partial: Path, stage_dir: Path) -> dict:
+    """The stage's return value as {output name: artifact}, checked against the declaration, with
+    paths into ``partial`` pointing to where the directory will be published."""
+    values = result if isinstance(result, tuple) else (result,)
+    if len(values) != len(node.outputs):
+        raise RuntimeError(f"stage '{node.name}' returned {len(values)} value(s), declared {len(node.outputs)}: {list(node.outputs)}")
+    outputs = {}
+    for (name, kind), value in zip(node.outputs.items(), values):
+        if not isinstance(value, kind):
+            raise RuntimeError(f"stage '{node.name}' output '{name}' is a {type(value).__name__}, declared {kind.__name__}")
+        outputs[name] = kind.model_validate(_retarget(value.model_dump(mode="json"), str(partial), str(stage_dir)))
+    return outputs
+
+
+def _retarget(value, old: str, new: str):
+    if isinstance(value, dict):
+        return {k: _retarget(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_retarget(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
+        return new + value[len(old):]
+    return value
+
+
+def _publish(partial: Path, stage_dir: Path) -> None:
+    """Rename the finished .partial directory into place (atomic on one filesystem)."""
+    if stage_dir.exists():  # a complete stage whose manifest no longer matched: replaced, never mixed
+        _remove(stage_dir)
+    os.rename(partial, stage_dir)
+
+
+def _write_manifest(stage_dir: Path, node: Node, made_from: dict, outputs: dict) -> None:
+    body = {"manifest_version": MANIFEST_VERSION, "stage": node.name, "made_from": made_from,
             "outputs": {k: v.model_dump(mode="json") for k, v in outputs.items()}}
     tmp = stage_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(body, indent=1))
     os.replace(tmp, stage_dir / MANIFEST)  # atomic: a manifest is either whole or absent
 
 
-def _load_manifest(stage_dir: Path, node: Node, key: str) -> dict | None:
+def _load_manifest(stage_dir: Path, node: Node, made_from: dict, run_id: str) -> dict | None:
     path = stage_dir / MANIFEST
     if not path.exists():
         return None
     body = json.loads(path.read_text())
-    if body.get("manifest_version") != MANIFEST_VERSION or body.get("input_key") != key:
+    if body.get("manifest_version") != MANIFEST_VERSION:
         return None
+    recorded = body.get("made_from", {})
+    if recorded != made_from:
+        what = [k for k in ("source", "config", "seed") if recorded.get(k) != made_from.get(k)]
+        what += [f"input '{p}'" for p in made_from["inputs"] if recorded.get("inputs", {}).get(p) != made_from["inputs"][p]]
+        raise ConfigError(
+            f"--run-id {run_id}: stage '{node.name}' was completed from other inputs ({', '.join(what) or 'layout'} changed); "
+            "a run id names one set of inputs: start a new run without --run-id")
     return {k: node.outputs[k].model_validate(v) for k, v in body["outputs"].items()}

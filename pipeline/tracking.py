@@ -8,8 +8,9 @@ appear in the UI while training runs and are written by exactly one process.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ from schemas.errors import ConfigError
 TAG_RUN_ID = "bnflow.run_id"
 TAG_STAGE = "bnflow.stage"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def default_tracking_uri(cfg_uri: Optional[str]) -> str:
@@ -36,34 +38,92 @@ def default_tracking_uri(cfg_uri: Optional[str]) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def ui_command(uri: str) -> str:
+def split_credentials(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """``http://user:pw@host/...`` -> (``http://host/...``, user, pw); other URIs unchanged."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=hostport))
+    return clean, urllib.parse.unquote(user) or None, urllib.parse.unquote(password) or None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before any compute when an http(s) tracking server does not answer.
+
+    Raises:
+        ConfigError: naming the (credential-free) URI and the fix.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except Exception as e:  # connection refused, DNS, timeout, HTTP error: all mean "not usable"
+        reason = getattr(e, "reason", None) or e
+        raise ConfigError(f"tracking.uri={uri}: no MLflow server answers ({reason}); start it, or fix tracking.uri "
+                          "(unset it to use a local sqlite store)") from None
+
+
+def ui_command(uri: str, experiment_id: str = "", run_id: str = "") -> str:
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 class EpochLogger:
-    """Per-epoch metrics to one MLflow run, from the process that calls it (rank 0)."""
+    """Per-epoch metrics to one MLflow run, from the process that calls it (rank 0).
+
+    A tracking outage does not stop training: a batch that cannot be sent stays buffered and goes
+    with the next epoch's (each try waits at most a few seconds), and whatever is still missing
+    when training ends is filled in by the driver from the train history. Nothing is logged once
+    the run is no longer RUNNING (a killed run stays as it was left).
+    """
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        # Credentials travel as the env variables MLflow reads, never inside the URI.
+        self.credentials = {k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}
+        self.pending: list[Metric] = []
+        self.warned = False
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         import time
 
+        from tasks.console import say
+
+        os.environ.update(self.credentials)
+        # Short tries: a down server must cost the training loop seconds, not MLflow's minutes of retries.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
+        self.pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        try:
+            client = MlflowClient(self.tracking_uri)
+            if client.get_run(self.run_id).info.status != "RUNNING":
+                self.pending = []
+                return
+            client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+        except Exception as e:  # an outage: keep the metrics for the next try
+            if not self.warned:
+                say(f"tracking server unreachable ({type(e).__name__}); metrics are buffered and training goes on")
+                self.warned = True
 
 
 class Tracker:
-    """Opens (or reopens) the parent run and one child per stage."""
+    """Opens (or reopens) the parent run and one child per stage.
 
-    def __init__(self, cfg: PipelineConfig, run_id: str):
-        self.uri = default_tracking_uri(cfg.tracking.uri)
+    ``derived`` are params computed from the config (e.g. the resolved BN mode), logged beside it.
+    The caller holds the run's lease, so at most one parent run per run id is ever created.
+    """
+
+    def __init__(self, cfg: PipelineConfig, run_id: str, derived: Optional[dict[str, str]] = None):
+        self.uri = self.uri_for(cfg)
         self.cfg = cfg
         self.run_id = run_id
+        self.derived = derived or {}
         self.client = MlflowClient(self.uri)
         mlflow.set_tracking_uri(self.uri)
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
@@ -75,34 +135,46 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: Optional[str] = None
+        self.open_child: Optional[str] = None
+
+    @staticmethod
+    def uri_for(cfg: PipelineConfig) -> str:
+        return default_tracking_uri(cfg.tracking.uri)
 
     # -- parent -------------------------------------------------------------------------------
     def start(self) -> str:
         """Reopen the parent run of ``run_id`` if one exists, else create it; log the config."""
-        found = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = '{self.run_id}' and tags.`{TAG_STAGE}` = 'pipeline'")
+        found = self._find("pipeline")
         if found:
-            self._check_same_config(found[0].data.params)
-            self.parent_id = found[0].info.run_id
+            self._check_same_config(found.data.params)
+            self.parent_id = found.info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.run_id,
                                          tags={TAG_RUN_ID: self.run_id, TAG_STAGE: "pipeline"})
             self.parent_id = run.info.run_id
-            items = list(self._params().items())
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.parent_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+            self._log_params(self.parent_id, self._params())
             self.client.log_text(self.parent_id, self.cfg.model_dump_json(indent=1), "config.json")
         return self.parent_id
 
+    def _find(self, stage: str):
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = '{self.run_id}' and tags.`{TAG_STAGE}` = '{stage}'",
+            order_by=["attributes.start_time ASC"])
+        return found[0] if found else None
+
     def _params(self) -> dict[str, str]:
-        params = flatten(self.cfg)
-        params["train.bn_mode"] = self.cfg.train.bn_mode  # the resolved BN mode, not just the knob
-        return {k: v[:6000] for k, v in params.items()}
+        return {**flatten(self.cfg), **self.derived}
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        existing = self.client.get_run(run_id).data.params
+        new = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(run_id, params=new[i : i + 100])
 
     def _check_same_config(self, logged: dict[str, str]) -> None:
         """A resumed run must keep its config: its params in MLflow describe every stage."""
-        changed = [(k, logged.get(k), v) for k, v in self._params().items() if logged.get(k) != v]
+        changed = [(k, logged.get(k), v) for k, v in self._params().items() if logged.get(k) != str(v)[:6000]]
         if changed:
             k, old, new = changed[0]
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -110,43 +182,52 @@ class Tracker:
                 f"--run-id {self.run_id}: that run was started with {k}={old}, not {new}{more}; "
                 "resume with the same recipe and --set values, or start a new run without --run-id")
 
-    def finish(self, ok: bool, summary: Optional[dict] = None) -> None:
+    def finish(self, status: str, summary: Optional[dict] = None) -> None:
+        """End the parent (and a stage child left open by an interruption) as FINISHED, FAILED or KILLED."""
         if summary:
             self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()])
-        self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+        if self.open_child is not None:
+            self.client.set_terminated(self.open_child, status)
+            self.open_child = None
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, status)
 
     # -- children -----------------------------------------------------------------------------
     def _child(self, stage: str) -> str:
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_RUN_ID}` = '{self.run_id}' and tags.`{TAG_STAGE}` = '{stage}'")
+        found = self._find(stage)
         if found:
-            return found[0].info.run_id
+            return found.info.run_id
         run = self.client.create_run(
             self.experiment_id, run_name=stage,
             tags={TAG_RUN_ID: self.run_id, TAG_STAGE: stage, "mlflow.parentRunId": self.parent_id})
         return run.info.run_id
 
-    def stage_skipped(self, stage: str) -> None:
-        self.client.set_tag(self._child(stage), "bnflow.skipped", "complete from an earlier attempt")
+    def stage_skipped(self, stage: str, section, derived=None, outputs: Optional[dict] = None) -> None:
+        """A stage complete on disk. If an earlier attempt stopped before its tracking was complete
+        (the child is not FINISHED), log its outputs now, so storage and MLflow agree."""
+        found = self._find(stage)
+        if found is not None and found.info.status == "FINISHED":
+            self.client.set_tag(found.info.run_id, "bnflow.skipped", "complete from an earlier attempt")
+            return
+        with self.stage(stage, section, derived) as run:
+            run.log_outputs(outputs or {})
 
     @contextlib.contextmanager
-    def stage(self, stage: str, section):
+    def stage(self, stage: str, section, derived=None):
+        """The child run of ``stage``, RUNNING while the block runs; FINISHED after it, FAILED if it
+        raises (an interruption is marked KILLED by ``finish``)."""
         child = self._child(stage)
         self.client.update_run(child, status="RUNNING")
-        params = flatten(section, prefix=f"{stage}.")
-        if stage == "train":
-            params["train.bn_mode"] = section.bn_mode
-        existing = self.client.get_run(child).data.params
-        new = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(child, params=new[i : i + 100])
+        self._log_params(child, {**flatten(section, prefix=f"{stage}."), **(derived(section) if derived else {})})
+        self.open_child = child
         try:
             yield _StageRun(self, stage, child)
-        except BaseException:
+        except Exception:
             self.client.set_terminated(child, "FAILED")
+            self.open_child = None
             raise
         self.client.set_terminated(child, "FINISHED")
+        self.open_child = None
 
 
 class _StageRun:
@@ -164,7 +245,7 @@ class _StageRun:
             elif isinstance(art, A.NormStatsFile):
                 self.client.log_artifact(self.run_id, art.path)
                 self.client.set_tag(self.run_id, "bnflow.norm_stats_version", art.version)
-                dropped = json.loads(Path(art.path).read_text()).get("dropped_rows", {})
+                dropped = A.NormStats.load(art.path).dropped_rows
                 self.client.log_batch(self.run_id, metrics=[
                     Metric(f"dropped_rows_{split}", float(dropped.get(split, 0)), 0, 0) for split in ("train", "val", "test")])
             elif isinstance(art, A.Checkpoint):
@@ -172,11 +253,22 @@ class _StageRun:
             elif isinstance(art, A.TrainHistory):
                 self.client.log_artifact(self.run_id, art.path)
                 self.client.set_tag(self.run_id, "bnflow.bn_mode", self.tracker.cfg.train.bn_mode)
+                self._fill_epoch_gaps(art.epochs)
             elif isinstance(art, A.Evaluation):
                 metrics = [Metric(k, float(v), 0, 0) for k, v in art.metrics.items()]
                 self.client.log_batch(self.run_id, metrics=metrics)
                 for f in art.files:
                     self.client.log_artifact(self.run_id, f)
+
+    def _fill_epoch_gaps(self, epochs: list[dict]) -> None:
+        """Log the epochs of ``epochs`` that the workers' logger could not (a tracking outage, a
+        crash between checkpoint and log); steps already present are never logged twice."""
+        missing = []
+        for key in sorted({k for e in epochs for k in e if k != "epoch"}):
+            have = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            missing += [Metric(key, float(e[key]), 0, int(e["epoch"])) for e in epochs if key in e and int(e["epoch"]) not in have]
+        for i in range(0, len(missing), 500):
+            self.client.log_batch(self.run_id, metrics=missing[i : i + 500])
 
     def _log_dataset(self, name: str, ds: A.Dataset) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -200,9 +292,9 @@ class _StageRun:
 
         from tasks.nn.models import served_model
 
-        state = torch.load(ckpt.path, weights_only=False)
+        state = A.CheckpointState.load(ckpt.path)
         model = served_model(state)
-        example = np.zeros((2, state["spec"]["num_features"]), dtype=np.float32)
+        example = np.zeros((2, state.spec.num_features), dtype=np.float32)
         with torch.no_grad():
             logits = model(torch.from_numpy(example)).numpy()
         self.client.log_artifact(self.run_id, ckpt.path, artifact_path=f"checkpoints/{name}")

@@ -30,7 +30,9 @@ def same_type(a: pa.DataType, b: pa.DataType) -> bool:
 
 
 def diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
-    """Field-by-field differences (names, types, nullability); metadata is not compared."""
+    """Field-by-field differences of names and types. Nullability and metadata are not compared:
+    Parquet writers differ in how they record nullability, and null values are refused where data
+    enters (ingest)."""
     lines = []
     exp = {f.name: f for f in expected}
     act = {f.name: f for f in actual}

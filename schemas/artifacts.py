@@ -1,10 +1,25 @@
-"""Typed artifacts that stages hand each other; the runner records them in stage manifests."""
+"""Typed artifacts that stages hand each other; the runner records them in stage manifests.
+
+Two of them are files with a body of their own, and this module is the only place that knows their
+shape: ``NormStats`` (``norm_stats.json``, written by normalize) and ``CheckpointState``
+(``checkpoint.pt``, written by train and recalibrate). Each has ``save``/``load`` with a version
+check; a checkpoint holds plain Python types and tensors only, so it loads with
+``torch.load(weights_only=True)`` and a checkpoint file cannot run code.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.errors import DataError
+
+NORM_STATS_VERSION = "1"
+CHECKPOINT_VERSION = "2"
 
 
 class _Artifact(BaseModel):
@@ -24,7 +39,6 @@ class Dataset(_Artifact):
     num_features: int
     num_classes: int
     image_shape: Optional[tuple[int, int, int]] = None
-    schema_fields: list[str] = Field(default_factory=list, description="'name: type' of each field.")
 
     def split(self, name: str) -> SplitInfo:
         return self.splits[name]
@@ -36,7 +50,8 @@ class NormStatsFile(_Artifact):
 
 
 class Checkpoint(_Artifact):
-    path: str = Field(description="A torch checkpoint file: model state, optimizer state, config, normalization stats.")
+    path: str = Field(description="A checkpoint file (CheckpointState).")
+    digest: str = Field(description="sha256 of the file.")
     epoch: int = Field(description="Epochs completed when it was written.")
     bn_mode: str = Field(description="BatchNorm mode the weights were trained with.")
 
@@ -49,3 +64,115 @@ class TrainHistory(_Artifact):
 class Evaluation(_Artifact):
     metrics: dict[str, float]
     files: list[str] = Field(description="Plots and reports to attach to the run.")
+
+
+# -- file bodies -----------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, then rename over ``path``: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class NormStats(_Artifact):
+    """Normalization statistics fitted on the train split: ``x_norm = (x - shift) / scale``."""
+
+    schema_version: str = Field(NORM_STATS_VERSION, description="Layout version of this file.")
+    method: str = Field(description="standard, minmax or none.")
+    per: str = Field(description="feature or channel: the unit the statistics were computed over.")
+    image_shape: Optional[list[int]] = Field(None, description="(C, H, W) of image rows, else null.")
+    num_features: int
+    count: float = Field(description="Train rows the statistics were fitted on (after dropped rows).")
+    mean: list[float] = Field(description="Per unit (feature or channel).")
+    std: list[float] = Field(description="Per unit: population standard deviation.")
+    min: list[float]
+    max: list[float]
+    constant_units: list[int] = Field(description="Units with zero spread on train: centred, not scaled.")
+    shift: list[float] = Field(description="Per feature, ready to apply.")
+    scale: list[float] = Field(description="Per feature, ready to apply (never 0).")
+    config_hash: str = Field(description="Hash of the normalize config that produced these.")
+    version: str = Field(description="Content hash of everything above.")
+    dropped_rows: dict[str, int] = Field(default_factory=dict, description="Rows with NaN/inf dropped, per split.")
+
+    def save(self, path: Path) -> None:
+        _atomic_write(Path(path), lambda p: p.write_text(self.model_dump_json(indent=1)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NormStats":
+        """The one way to read statistics.
+
+        Raises:
+            DataError: an unreadable file or one of another layout version.
+        """
+        try:
+            body = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read normalization statistics ({e}); rerun the normalize stage") from None
+        if not isinstance(body, dict) or body.get("schema_version") != NORM_STATS_VERSION:
+            found = body.get("schema_version") if isinstance(body, dict) else None
+            raise DataError(f"{path}: normalization statistics schema_version {found!r}, expected {NORM_STATS_VERSION!r}; "
+                            "rerun the normalize stage")
+        return cls.model_validate(body)
+
+
+class ModelSpec(_Artifact):
+    """What a checkpoint's network was built for."""
+
+    num_features: int
+    num_classes: int
+    image_shape: Optional[tuple[int, int, int]] = None
+
+
+class CheckpointState(_Artifact):
+    """Everything a checkpoint file holds. Tensors only in ``model`` and the optimizer/scheduler/RNG
+    states; everything else plain types.
+
+    A train checkpoint carries what resuming needs (optimizer, scheduler and RNG state, history);
+    a recalibrated one drops the optimizer and records how it was recalibrated.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    version: str = Field(CHECKPOINT_VERSION, description="Layout version of this file.")
+    epoch: int = Field(description="Epochs completed.")
+    config: dict[str, Any] = Field(description="The train config (JSON form) the weights were trained with.")
+    bn_mode: str
+    spec: ModelSpec
+    norm_stats: NormStats = Field(description="Statistics the inputs were normalized with; the served model applies them.")
+    model: dict[str, Any] = Field(description="Plain-BatchNorm state dict (tensors).")
+    optimizer: Optional[dict[str, Any]] = None
+    scheduler: Optional[dict[str, Any]] = None
+    rng: Optional[dict[str, Any]] = Field(None, description="torch RNG state at the end of the epoch.")
+    history: list[dict[str, float]] = Field(default_factory=list, description="Per-epoch metrics up to ``epoch``.")
+    recalibration: Optional[dict[str, Any]] = Field(None, description="recalibrate: rows and split used.")
+
+    def save(self, path: Path) -> None:
+        import torch
+
+        body = self.model_dump(exclude={"spec", "norm_stats"})
+        body["spec"] = self.spec.model_dump(mode="json")
+        body["norm_stats"] = self.norm_stats.model_dump(mode="json")
+        _atomic_write(Path(path), lambda p: torch.save(body, p))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CheckpointState":
+        """Read a checkpoint with ``weights_only=True``.
+
+        Raises:
+            DataError: an unreadable file or one of another layout version.
+        """
+        import pickle
+
+        import torch
+
+        try:
+            body = torch.load(path, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{path}: not a readable bnflow checkpoint ({first}); rerun the stage that wrote it") from None
+        if not isinstance(body, dict) or body.get("version") != CHECKPOINT_VERSION:
+            found = body.get("version") if isinstance(body, dict) else None
+            raise DataError(f"{path}: checkpoint version {found!r}, expected {CHECKPOINT_VERSION!r}; "
+                            "rerun the stage that wrote it")
+        return cls.model_validate(body)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,30 +42,69 @@ class NormalizeConfig(_Strict):
         "error", description="What to do with rows holding NaN or +-inf features: fail, or drop and count them.")
 
 
-class OptimizerConfig(_Strict):
-    name: Literal["sgd", "adam", "rmsprop", "adagrad", "adadelta"] = Field("sgd", description="Optimizer.")
-    lr: float = Field(0.05, gt=0.0, description="Base learning rate (for the global batch).")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/RMSprop momentum.")
-    nesterov: bool = Field(False, description="SGD: Nesterov momentum (needs momentum > 0).")
-    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam: decay of the first-moment average.")
-    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam: decay of the second-moment average.")
-    eps: float = Field(1e-8, gt=0.0, description="Adam/RMSprop/Adagrad/Adadelta denominator guard.")
-    alpha: float = Field(0.99, ge=0.0, lt=1.0, description="RMSprop: decay of the squared-gradient average.")
-    rho: float = Field(0.9, ge=0.0, lt=1.0, description="Adadelta: decay of the squared-gradient and update averages.")
-    weight_decay: float = Field(0.0, ge=0.0, description="L2 weight decay (not applied to BatchNorm and bias parameters).")
+_LR = "Base learning rate (for the global batch)."
+_WD = "L2 weight decay (not applied to BatchNorm and bias parameters)."
+
+
+class SGDConfig(_Strict):
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, description=_LR)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum (beta of the velocity average); 0 for plain SGD.")
+    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description=_WD)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self):
-        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+        if self.nesterov and self.momentum == 0:
             raise ValueError("train.optimizer.nesterov=true needs train.optimizer.momentum > 0; set a momentum such as 0.9")
         return self
+
+
+class AdamConfig(_Strict):
+    name: Literal["adam"]
+    lr: float = Field(1e-3, gt=0.0, description=_LR)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Decay of the first-moment (gradient) average.")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Decay of the second-moment (squared gradient) average.")
+    eps: float = Field(1e-8, gt=0.0, description="Denominator guard.")
+    weight_decay: float = Field(0.0, ge=0.0, description=_WD)
+
+
+class RMSpropConfig(_Strict):
+    name: Literal["rmsprop"]
+    lr: float = Field(1e-3, gt=0.0, description=_LR)
+    alpha: float = Field(0.99, ge=0.0, lt=1.0, description="Decay of the squared-gradient average.")
+    eps: float = Field(1e-8, gt=0.0, description="Denominator guard.")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="Momentum on top of RMSprop; 0 (none) unless asked.")
+    weight_decay: float = Field(0.0, ge=0.0, description=_WD)
+
+
+class AdagradConfig(_Strict):
+    name: Literal["adagrad"]
+    lr: float = Field(1e-2, gt=0.0, description=_LR)
+    eps: float = Field(1e-10, gt=0.0, description="Denominator guard.")
+    weight_decay: float = Field(0.0, ge=0.0, description=_WD)
+
+
+class AdadeltaConfig(_Strict):
+    name: Literal["adadelta"]
+    lr: float = Field(1.0, gt=0.0, description="Multiplier of the Adadelta step (1.0 is the paper's method).")
+    rho: float = Field(0.9, ge=0.0, lt=1.0, description="Decay of the squared-gradient and update averages.")
+    eps: float = Field(1e-6, gt=0.0, description="Denominator guard.")
+    weight_decay: float = Field(0.0, ge=0.0, description=_WD)
+
+
+OptimizerConfig = Annotated[
+    Union[SGDConfig, AdamConfig, RMSpropConfig, AdagradConfig, AdadeltaConfig], Field(discriminator="name")]
+OPTIMIZERS = {"sgd": SGDConfig, "adam": AdamConfig, "rmsprop": RMSpropConfig, "adagrad": AdagradConfig,
+              "adadelta": AdadeltaConfig}
 
 
 class ScheduleConfig(_Strict):
     kind: Literal["constant", "step", "exponential", "cosine"] = Field("cosine", description="Learning-rate decay, applied per epoch.")
     step_size: int = Field(5, ge=1, description="step: epochs between decays.")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step/exponential: multiplicative decay factor.")
-    min_lr: float = Field(0.0, ge=0.0, description="cosine: the learning rate at the last epoch.")
+    min_lr: float = Field(
+        0.0, ge=0.0, description="cosine: the rate the schedule reaches after the last epoch (the last epoch still trains above it); below the optimizer's lr.")
     warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs before the schedule starts.")
 
 
@@ -93,17 +131,30 @@ class TrainConfig(_Strict):
         None, description="BatchNorm across workers: sync (statistics of the global batch) or local (per-worker batch). Default: sync when workers > 1.")
     epochs: int = Field(10, ge=1, description="Passes over the training split.")
     batch_size: int = Field(128, ge=1, description="Per-worker mini-batch size; the global batch is workers x batch_size.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and its hyperparameters.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=SGDConfig,
+        description="Optimizer (name: sgd, adam, rmsprop, adagrad, adadelta) and only its own hyperparameters. "
+                    "--set train.optimizer.name=X that changes the recipe's optimizer starts the section afresh from X's defaults.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
     grad_clip_norm: Optional[float] = Field(None, gt=0.0, description="Clip the global gradient norm to this value; null to disable.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture and initialization.")
     eval_every: int = Field(1, ge=1, description="Compute val loss/accuracy every this many epochs.")
+    max_failures: int = Field(
+        2, ge=-1, description="Restart the worker group from the last epoch checkpoint after this many worker failures (Ray Train FailureConfig; -1: no limit).")
 
     @model_validator(mode="after")
     def _batch_for_bn(self):
         if self.batch_size < 2:
             raise ValueError(
                 f"train.batch_size={self.batch_size}: BatchNorm in training needs at least 2 rows per worker batch; set train.batch_size >= 2")
+        return self
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self):
+        if self.schedule.kind == "cosine" and self.schedule.min_lr >= self.optimizer.lr:
+            raise ValueError(
+                f"train.schedule.min_lr={self.schedule.min_lr} must be below train.optimizer.lr={self.optimizer.lr}; "
+                "lower train.schedule.min_lr")
         return self
 
     @property
@@ -167,5 +218,3 @@ def _flatten_into(out, key, value):
     else:
         out[key] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from schemas import arrow
 from schemas.artifacts import SplitInfo
+from schemas.errors import DataError
 
 ROWS_PER_FILE = 16384  # several files per split so Ray Data reads and maps them in parallel
 
@@ -49,11 +50,8 @@ def labels_numpy(table_or_batch) -> np.ndarray:
 
 def file_digest(path: str | Path) -> str:
     """sha256 of one file's full bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def combine_digests(file_digests: list[str]) -> str:
@@ -75,5 +73,42 @@ def write_split(table: pa.Table, path: Path) -> SplitInfo:
     return SplitInfo(path=str(path), rows=table.num_rows, digest=digest_dir(path))
 
 
-def read_split(path: str | Path) -> pa.Table:
-    return pq.read_table(path)
+def split_files(path: str | Path) -> list[str]:
+    """A split's Parquet files in name order."""
+    return sorted(str(f) for f in Path(path).glob("*.parquet"))
+
+
+def check_split(path: str | Path, expected: pa.Schema, where: str) -> list[str]:
+    """Check every Parquet file of a split against the contract, reading only the file footers;
+    returns the files.
+
+    Raises:
+        DataError: no Parquet file, or a file that is not readable Parquet (truncated, another format).
+        SchemaMismatch: a file whose schema breaks the contract (field-by-field diff).
+    """
+    files = split_files(path)
+    if not files:
+        raise DataError(f"{where}: no Parquet files under {path}; rerun the stage that writes it")
+    for f in files:
+        arrow.check(read_schema(f), expected, where=f"{where} ({Path(f).name})")
+    return files
+
+
+def read_schema(path: str | Path) -> pa.Schema:
+    """A Parquet file's Arrow schema from its footer.
+
+    Raises:
+        DataError: the file is not readable Parquet.
+    """
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); replace or remove it") from None
+
+
+def read_table(path: str | Path, **kwargs) -> pa.Table:
+    """``pq.read_table`` with unreadable files turned into a DataError naming the file."""
+    try:
+        return pq.read_table(path, **kwargs)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); replace or remove it") from None

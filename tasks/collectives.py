@@ -7,17 +7,27 @@ step against 0.25 ms back to back, which made a LeNet DDP step 1.4-1.6x slower t
 When every rank of the group runs on this host, ranks instead exchange through a shared-memory
 segment: each rank writes its vector into its own slot, then publishes a sequence number; every rank
 spins (yielding the core) until all sequence numbers have arrived and sums the slots in rank order.
-That costs little more than the ranks' imbalance (step ratio 1.03 in the same measurement).
+That costs little more than the ranks' imbalance: the committed ``benchmarks/results/syncbn.json``
+shows a SyncBatchNorm/plain-BN step-time ratio of 1.06-1.07 with it (1.38-1.58 over gloo).
 
 Note that:
   * Every rank sums the same slots in the same order, so all ranks get bit-identical results.
   * Two slot sets alternate between rounds. A rank can only start round k+2 after every rank has
     published round k+1, i.e. after every rank finished reading round k, so no slot is overwritten
     while someone still reads it.
+  * Each rank publishes its element count with its data; ranks that disagree raise at once instead
+    of summing stale slots.
   * Publication relies on stores becoming visible in program order (x86-64's TSO); on other CPUs the
     gloo path is used.
-  * A rank that waits longer than ``timeout_s`` for its peers raises instead of spinning forever.
-  * The transport is chosen once per process group, collectively, so every rank makes the same choice.
+  * "Same host" is proven, not assumed from hostnames: rank 0 creates the segment and writes a
+    random nonce into it; the segment is used only if every rank opens it by name and reads that
+    nonce. Every rank decides from the same gathered answers, and the decision is checked equal on
+    all ranks; it is made once per process group.
+  * A waiting rank checks its peers' processes about once a second and raises within seconds when
+    one has died; ``timeout_s`` bounds the wait for a live but stuck peer.
+  * The segment is a ``multiprocessing.shared_memory`` block: if rank 0 dies between creating and
+    unlinking it, Python's resource tracker unlinks it. Otherwise it is unlinked as soon as every
+    rank has mapped it, so nothing is left in ``/dev/shm``.
 """
 
 from __future__ import annotations
@@ -25,10 +35,10 @@ from __future__ import annotations
 import mmap
 import os
 import platform
-import socket
+import secrets
 import time
-import uuid
 import weakref
+from multiprocessing import shared_memory
 
 import numpy as np
 import torch
@@ -37,65 +47,171 @@ import torch.distributed as dist
 SHM_DIR = "/dev/shm"
 MAX_ELEMS = 1 << 15  # per rank and round: SyncBatchNorm needs 2C+1 <= 32768, i.e. C <= 16383
 DEFAULT_TIMEOUT_S = 1800.0  # gloo's default collective timeout
-
+LIVENESS_EVERY_S = 1.0
 _reducers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_force_gloo = False  # tests flip this to exercise the gloo path on one host
+
+
+class PeerFailure(RuntimeError):
+    """A peer rank died, stalled or disagreed about a collective."""
 
 
 class HostReducer:
-    """Sum-all-reduce of float64 vectors among the ranks of ``group``, all on this host."""
+    """Sum-all-reduce of float64 vectors among the ranks of ``group``, all on this host.
 
-    def __init__(self, group, max_elems: int = MAX_ELEMS, timeout_s: float = DEFAULT_TIMEOUT_S):
-        group = group if group is not None else dist.group.WORLD
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.max_elems, self.timeout_s = max_elems, timeout_s
-        name = [os.path.join(SHM_DIR, f"bnflow-syncbn-{uuid.uuid4().hex}") if self.rank == 0 else None]
-        dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
-        header = 8 * 2 * self.world
-        size = header + 8 * 2 * self.world * max_elems
-        if self.rank == 0:
-            with open(name[0], "wb") as f:
-                f.truncate(size)
-        dist.barrier(group=group)
-        with open(name[0], "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), size)
-        dist.barrier(group=group)
-        if self.rank == 0:
-            os.unlink(name[0])  # every rank holds a mapping: nothing is left behind in /dev/shm
-        self.seq = np.ndarray((2, self.world), dtype=np.int64, buffer=self._map)
-        self.slots = np.ndarray((2, self.world, max_elems), dtype=np.float64, buffer=self._map, offset=header)
+    Built by ``HostReducer.connect`` (collective), which returns None when the ranks cannot share
+    memory. Segment layout, int64 words then float64 slots: nonce | pid[world] | seq[2][world] |
+    count[2][world] | slots[2][world][max_elems].
+    """
+
+    def __init__(self, shm, rank: int, world: int, max_elems: int, timeout_s: float):
+        self._shm = shm  # keeps the mapping alive
+        self.rank, self.world, self.max_elems, self.timeout_s = rank, world, max_elems, timeout_s
+        words = np.ndarray((1 + 5 * world,), dtype=np.int64, buffer=shm.buf)
+        self.pids = words[1 : 1 + world]
+        self.seq = words[1 + world : 1 + 3 * world].reshape(2, world)
+        self.count = words[1 + 3 * world : 1 + 5 * world].reshape(2, world)
+        self.slots = np.ndarray((2, world, max_elems), dtype=np.float64, buffer=shm.buf, offset=words.nbytes)
         self.round = 0
 
+    @staticmethod
+    def size(world: int, max_elems: int) -> int:
+        return 8 * (1 + 5 * world) + 8 * 2 * world * max_elems
+
+    @classmethod
+    def connect(cls, group, max_elems: int = MAX_ELEMS, timeout_s: float = DEFAULT_TIMEOUT_S,
+                allow: bool = True) -> "HostReducer | None":
+        """Collective: every rank of ``group`` calls it. ``allow=False`` on any rank, or any rank that
+        cannot open rank 0's segment and read its nonce, means None (gloo) on every rank."""
+        group = group if group is not None else dist.group.WORLD
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        usable = allow and platform.machine() in ("x86_64", "AMD64")
+        shm, nonce = None, secrets.randbits(62)
+        if rank == 0 and usable:
+            try:
+                shm = shared_memory.SharedMemory(create=True, size=cls.size(world, max_elems))
+                np.ndarray((1,), dtype=np.int64, buffer=shm.buf)[0] = nonce
+            except OSError:  # no /dev/shm, or it is full: gloo
+                shm = None
+        offer = [(shm.name if shm is not None else None, nonce)]
+        dist.broadcast_object_list(offer, src=dist.get_global_rank(group, 0), group=group)
+        name, nonce = offer[0]
+        if rank != 0 and usable and name is not None:
+            shm = _attach(name, nonce)
+        answers = [None] * world
+        dist.all_gather_object(answers, shm is not None, group=group)
+        if rank == 0 and shm is not None:
+            shm.unlink()  # every rank that could map it has: nothing stays in /dev/shm
+        if not all(answers):
+            if shm is not None:
+                shm.close()
+            return None
+        reducer = cls(shm, rank, world, max_elems, timeout_s)
+        reducer.pids[rank] = os.getpid()
+        dist.barrier(group=group)  # every pid is written before anyone may wait on a peer
+        return reducer
+
     def sum_(self, tensor: torch.Tensor) -> None:
-        """In place: ``tensor`` (float64, CPU, at most ``max_elems`` values) becomes the sum over ranks."""
+        """In place: ``tensor`` (float64, CPU, at most ``max_elems`` values) becomes the sum over ranks.
+
+        Raises:
+            PeerFailure: a peer died, did not arrive within ``timeout_s``, or sent another element count.
+        """
         n = tensor.numel()
         parity, target = self.round % 2, self.round + 1
         self.slots[parity, self.rank, :n] = tensor.numpy()
-        self.seq[parity, self.rank] = target  # publish after the data
+        self.count[parity, self.rank] = n
+        self.seq[parity, self.rank] = target  # publish after the data and the count
         seq = self.seq[parity]
-        deadline = None
+        start = checked = time.monotonic()
         while (seq < target).any():
             os.sched_yield()
-            if deadline is None:
-                deadline = time.monotonic() + self.timeout_s
-            elif time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - checked > LIVENESS_EVERY_S:
+                checked = now
                 missing = [int(r) for r in np.flatnonzero(seq < target)]
-                raise RuntimeError(f"SyncBatchNorm: rank(s) {missing} did not reach collective {target} "
-                                   f"within {self.timeout_s:g}s")
+                dead = [r for r in missing if not _alive(int(self.pids[r]))]
+                if dead:
+                    raise PeerFailure(f"SyncBatchNorm: rank(s) {dead} died before collective {target}")
+                if now - start > self.timeout_s:
+                    raise PeerFailure(f"SyncBatchNorm: rank(s) {missing} did not reach collective {target} "
+                                      f"within {self.timeout_s:g}s")
+        counts = self.count[parity]
+        if (counts != n).any():
+            raise PeerFailure(f"SyncBatchNorm: collective {target} got element counts {counts.tolist()} from ranks "
+                              f"0..{self.world - 1}; every rank must reduce the same shape (model or layer order differs)")
         tensor.copy_(torch.from_numpy(self.slots[parity, :, :n].sum(axis=0)))
         self.round += 1
 
 
-def _reducer_for(group):
-    """This process's HostReducer for ``group``, or None when the group must use gloo."""
+class _Mapped:
+    """A peer's mapping of rank 0's segment. Not ``SharedMemory(name=...)``: on Python < 3.13 that
+    registers the segment with this process's resource tracker, which would unlink it (and warn)
+    when this process exits; only the creator's registration is wanted."""
+
+    def __init__(self, name: str):
+        fd = os.open(os.path.join(SHM_DIR, name.lstrip("/")), os.O_RDWR)
+        try:
+            self.size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self._map)
+
+    def close(self) -> None:
+        self.buf.release()
+        self._map.close()
+
+
+def _attach(name: str, nonce: int):
+    """Rank 0's segment if this process sees it with the right nonce (same host), else None."""
+    try:
+        shm = _Mapped(name)
+    except OSError:
+        return None
+    if shm.size < 8 or int(np.ndarray((1,), dtype=np.int64, buffer=shm.buf)[0]) != nonce:
+        shm.close()
+        return None
+    return shm
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # no /proc: assume alive; the timeout still bounds the wait
+    return state not in ("Z", "X")
+
+
+def use_transport(group, transport: str, **kwargs) -> str:
+    """Choose the transport of ``group`` (collective; once per group, before its first all-reduce):
+    ``auto`` (shared memory when every rank can map it) or ``gloo``. Returns the choice, checked
+    equal on every rank.
+
+    Raises:
+        RuntimeError: the group's transport was already chosen, or ranks disagree.
+    """
     key = group if group is not None else dist.group.WORLD
     if key in _reducers:
-        return _reducers[key]
-    hosts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(hosts, (socket.gethostname(), platform.machine(), os.path.isdir(SHM_DIR)), group=group)
-    usable = (not _force_gloo and len({h for h, _, _ in hosts}) == 1
-              and all(arch in ("x86_64", "AMD64") and shm for _, arch, shm in hosts))
-    _reducers[key] = HostReducer(group) if usable else None
+        raise RuntimeError("the transport of this process group is already chosen")
+    reducer = HostReducer.connect(group, allow=transport == "auto", **kwargs)
+    chosen = "shm" if reducer is not None else "gloo"
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, chosen, group=group)
+    if len(set(every)) != 1:
+        raise RuntimeError(f"SyncBatchNorm transport differs between ranks: {every}")
+    _reducers[key] = reducer
+    return chosen
+
+
+def _reducer_for(group):
+    """This process's HostReducer for ``group``, or None when the group uses gloo."""
+    key = group if group is not None else dist.group.WORLD
+    if key not in _reducers:
+        use_transport(group, "auto")
     return _reducers[key]
 
 

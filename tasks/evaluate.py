@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from schemas.artifacts import Checkpoint, Dataset, Evaluation, TrainHistory
+from schemas import arrow
+from schemas.artifacts import Checkpoint, CheckpointState, Dataset, Evaluation, TrainHistory
 from schemas.config import EvaluateConfig
 from tasks import arrow_io
 from tasks.nn.models import model_from_checkpoint
@@ -18,26 +19,26 @@ from tasks.nn.models import model_from_checkpoint
 def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint, data: Dataset,
              history: TrainHistory, out_dir: Path) -> Evaluation:
     """Accuracy and mean cross-entropy over EVERY test row for both checkpoints, plus plots."""
-    import ray.data
-
+    files = arrow_io.check_split(data.split("test").path, arrow.example_schema(data.num_features),
+                                 where="evaluate input split 'test'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = {}
-    for tag, ckpt in (("before", trained), ("after", recalibrated)):
-        models[tag] = model_from_checkpoint(torch.load(ckpt.path, weights_only=False))
+    models = {tag: model_from_checkpoint(CheckpointState.load(ckpt.path))
+              for tag, ckpt in (("before", trained), ("after", recalibrated))}
     k = data.num_classes
     confusion = {tag: np.zeros((k, k), dtype=np.int64) for tag in models}
     loss = {tag: 0.0 for tag in models}
     rows = 0
-    ds = ray.data.read_parquet(data.split("test").path)
     with torch.no_grad():
-        for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=False):
-            x = arrow_io.features_tensor(batch)
-            y = torch.from_numpy(arrow_io.labels_numpy(batch).astype(np.int64))
-            rows += len(y)
-            for tag, model in models.items():
-                logits = model(x)
-                loss[tag] += float(F.cross_entropy(logits, y, reduction="sum"))
-                np.add.at(confusion[tag], (y.numpy(), logits.argmax(1).numpy()), 1)
+        for f in files:
+            table = arrow_io.read_table(f)
+            x_all = arrow_io.features_tensor(table)
+            y_all = torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
+            for x, y in zip(x_all.split(cfg.batch_size), y_all.split(cfg.batch_size)):
+                rows += len(y)
+                for tag, model in models.items():
+                    logits = model(x)
+                    loss[tag] += float(F.cross_entropy(logits, y, reduction="sum"))
+                    np.add.at(confusion[tag], (y.numpy(), logits.argmax(1).numpy()), 1)
     if rows != data.split("test").rows:
         raise RuntimeError(f"evaluate read {rows} test rows, the split holds {data.split('test').rows}")
 

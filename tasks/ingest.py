@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from schemas import arrow
 from schemas.artifacts import Dataset
@@ -37,7 +37,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
         (x_train, y_train), (x_test, y_test) = _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR))
         image_shape = (1, 28, 28)
     elif cfg.source == "digits":
-        (x_train, y_train), (x_test, y_test) = _digits(seed)
+        (x_train, y_train), (x_test, y_test) = _digits()
         image_shape = (1, 8, 8)
     else:
         if not cfg.path:
@@ -66,8 +66,52 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     parts = {"train": (x_train[train_idx], y_train[train_idx]), "val": (x_train[val_idx], y_train[val_idx]),
              "test": (x_test, y_test)}
     splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
-    return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape,
-                   schema_fields=[f"{f.name}: {f.type}" for f in schema])
+    return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape)
+
+
+def source_files(cfg: DataConfig) -> list[Path]:
+    """The files ``cfg.source`` reads (none for the bundled digits).
+
+    Raises:
+        DataError: a missing file or directory, named with the fix.
+    """
+    if cfg.source == "digits":
+        return []
+    if cfg.source == "fashion_mnist":
+        root = Path(cfg.path or FASHION_MNIST_DIR)
+        files = [root / name for pair in FASHION_MNIST_FILES.values() for name in pair]
+        for f in files:
+            if not f.exists():
+                raise DataError(f"data.path: {f} not found; install Debian's dataset-fashion-mnist or point data.path at the IDX files")
+        return files
+    if not cfg.path:
+        raise DataError("data.path is not set: the parquet source needs a directory holding train/ and test/ Parquet")
+    return [f for split in ("train", "test") for f in _parquet_files(Path(cfg.path), split)]
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """Identity of the source's current content: every file's name, size and modification time
+    (cheap enough to check before each resume; a changed file changes it)."""
+    import sklearn
+
+    parts = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in source_files(cfg)]
+    if cfg.source == "digits":
+        parts.append(f"sklearn {sklearn.__version__}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def check_source(cfg: DataConfig) -> None:
+    """What can be checked of the source without reading its rows, before Ray starts: files exist,
+    Parquet files are readable and have the configured columns with usable types.
+
+    Raises:
+        DataError: naming the file or field and the fix.
+    """
+    files = source_files(cfg)
+    if cfg.source != "parquet":
+        return
+    for f in files:
+        _check_columns(arrow_io.read_schema(f), cfg, str(f))
 
 
 def _check_labels(y: np.ndarray, num_classes: int, split: str) -> None:
@@ -102,7 +146,7 @@ def _fashion_mnist(root: Path):
     return out
 
 
-def _digits(seed: int):
+def _digits():
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -114,17 +158,46 @@ def _digits(seed: int):
     return (x[train], y[train].astype(np.int64)), (x[test], y[test].astype(np.int64))
 
 
+def _parquet_files(root: Path, split: str) -> list[Path]:
+    if (root / split).is_dir():
+        files = sorted((root / split).glob("*.parquet"))
+        if not files:
+            raise DataError(f"data.path: {root / split} holds no .parquet files; put the {split} split there")
+        return files
+    if (root / f"{split}.parquet").exists():
+        return [root / f"{split}.parquet"]
+    raise DataError(f"data.path: {root} has no {split}/ directory or {split}.parquet file; put the {split} split there")
+
+
+def _check_columns(schema: pa.Schema, cfg: DataConfig, where: str) -> None:
+    names = schema.names
+    for col, field in ((cfg.features_column, "data.features_column"), (cfg.label_column, "data.label_column")):
+        if col not in names:
+            raise DataError(f"{field}: column '{col}' not in {where} (columns: {names}); set {field}")
+    label = schema.field(cfg.label_column).type
+    if not pa.types.is_integer(label):
+        raise DataError(f"data.label_column: '{cfg.label_column}' in {where} has type {label}, expected an integer class id; cast it to int64")
+    feats = schema.field(cfg.features_column).type
+    if not (pa.types.is_list(feats) or pa.types.is_fixed_size_list(feats) or pa.types.is_large_list(feats)):
+        raise DataError(f"data.features_column: '{cfg.features_column}' in {where} has type {feats}, expected a list of floats")
+    value = feats.value_type
+    if not (pa.types.is_floating(value) or pa.types.is_integer(value)):
+        raise DataError(f"data.features_column: '{cfg.features_column}' in {where} holds {value} values, expected numbers; "
+                        "convert the features to float32")
+
+
 def _parquet(cfg: DataConfig):
     root = Path(cfg.path)
     tables = {}
     for split in ("train", "test"):
-        p = root / split
-        if not p.exists():
-            cand = root / f"{split}.parquet"
-            if not cand.exists():
-                raise DataError(f"data.path: {root} has no {split}/ directory or {split}.parquet file; put the {split} split there")
-            p = cand
-        tables[split] = pq.read_table(p)
+        files = _parquet_files(root, split)
+        for f in files:
+            _check_columns(arrow_io.read_schema(f), cfg, str(f))
+        parts = [arrow_io.read_table(f).select([cfg.features_column, cfg.label_column]) for f in files]
+        try:
+            tables[split] = pa.concat_tables(parts, promote_options="permissive")
+        except pa.ArrowException as e:
+            raise DataError(f"data.path: the files of the {split} split have different schemas ({e}); give them one schema") from None
     schemas = {s: t.schema for s, t in tables.items()}
     differ = arrow.diff(schemas["test"].remove_metadata(), schemas["train"].remove_metadata())
     if differ:
@@ -133,19 +206,12 @@ def _parquet(cfg: DataConfig):
 
 
 def _parquet_split(table: pa.Table, cfg: DataConfig, split: str):
-    for col, field in ((cfg.features_column, "data.features_column"), (cfg.label_column, "data.label_column")):
-        if col not in table.column_names:
-            raise DataError(f"{field}: column '{col}' not in the {split} split (columns: {table.column_names}); set {field}")
     if table.num_rows == 0:
         raise DataError(f"data: the {split} split is empty; it needs at least one row")
     labels = table.column(cfg.label_column)
-    if not pa.types.is_integer(labels.type):
-        raise DataError(f"data.label_column: '{cfg.label_column}' has type {labels.type}, expected an integer class id; cast it to int64")
     if labels.null_count:
         raise DataError(f"data.label_column: {labels.null_count} null label(s) in the {split} split; fill or drop them")
     feats = table.column(cfg.features_column).combine_chunks()
-    if not (pa.types.is_list(feats.type) or pa.types.is_fixed_size_list(feats.type) or pa.types.is_large_list(feats.type)):
-        raise DataError(f"data.features_column: '{cfg.features_column}' has type {feats.type}, expected a list of floats")
     if feats.null_count:
         raise DataError(f"data.features_column: {feats.null_count} null feature row(s) in the {split} split; fill or drop them")
     lengths = pc.list_value_length(feats).to_numpy(zero_copy_only=False)
@@ -156,5 +222,8 @@ def _parquet_split(table: pa.Table, cfg: DataConfig, split: str):
     d = int(lengths[0])
     if cfg.image_shape is not None and int(np.prod(cfg.image_shape)) != d:
         raise DataError(f"data.image_shape={list(cfg.image_shape)} has {int(np.prod(cfg.image_shape))} values but rows have {d} features")
-    x = pc.list_flatten(feats).to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+    values = pc.list_flatten(feats)
+    if values.null_count:
+        raise DataError(f"data.features_column: {values.null_count} null value(s) inside feature rows of the {split} split; fill or drop them")
+    x = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
     return x, labels.to_numpy().astype(np.int64)

@@ -7,9 +7,13 @@ reduces the moments of ranks with it.
 Note that:
   * ``M2`` is the sum of squared deviations from the mean, so ``M2 / count`` is the population
     variance and ``M2 / (count - 1)`` the unbiased one.
-  * Moments are held in float64 whatever the input dtype; a batch's own M2 is computed around that
-    batch's mean (two-pass), never as ``sum(x**2) - n * mean**2``, which cancels catastrophically
-    for data whose mean is large against its spread.
+  * Moments are held in float64 whatever the input dtype. A block's own M2 is computed around its
+    own mean (two-pass in ``of_array``) or around a shift taken from the data (``of_tensor``), never
+    as ``sum(x**2) - n * mean**2`` of the raw data, which cancels catastrophically for data whose
+    mean is large against its spread.
+  * ``all_reduce`` does sum power sums, but only of per-rank summaries: each rank's exact M2 plus
+    n_i * mean_i**2, so one all-reduce suffices. Only the between-rank spread of the means cancels
+    there, in float64; its docstring bounds the error.
   * ``merge`` is Chan, Golub & LeVeque's parallel update (Chan et al. 1979), exact in exact
     arithmetic and associative, so blocks can be merged in any tree order.
   * Functions accept NumPy arrays or torch tensors and return the same kind.

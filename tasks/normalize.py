@@ -1,8 +1,8 @@
 """Normalize stage: fit statistics on the train split in one distributed pass, apply them to every split.
 
-Fit: every Arrow block of the train split is reduced on a Ray Data worker to per-feature (or
-per-channel) count, mean, M2 (float64, two-pass within the block), min and max; the driver merges
-the block moments with Chan's parallel merge (``tasks.moments``). Apply: every split is transformed
+Fit: every Parquet file of the train split is reduced in a Ray task to per-feature (or
+per-channel) count, mean, M2 (float64, two-pass within the file), min and max; the driver merges
+the moments with Chan's parallel merge (``tasks.moments``). Apply: every split is transformed
 with the train statistics only, never refitted.
 
 Note that ``standard`` divides by the POPULATION standard deviation sqrt(M2 / n), as scikit-learn's
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import arrow
-from schemas.artifacts import Dataset, NormStatsFile, SplitInfo
+from schemas.artifacts import NORM_STATS_VERSION, Dataset, NormStats, NormStatsFile, SplitInfo
 from schemas.config import NormalizeConfig, config_hash
 from schemas.errors import DataError, find_user_error
 from tasks import arrow_io, moments
+from tasks.console import say
 
-log = logging.getLogger(__name__)
-STATS_SCHEMA_VERSION = "1"
 
 
 def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Dataset, NormStatsFile]:
@@ -38,12 +36,11 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
         DataError: an empty split, or NaN/inf features under ``nonfinite: error``.
     """
     expected = arrow.example_schema(raw.num_features)
-    for name, split in raw.splits.items():
-        if not any(Path(split.path).glob("*.parquet")):
-            raise DataError(f"normalize: split '{name}' has no Parquet files under {split.path}")
+    files = {name: arrow_io.check_split(split.path, expected, where=f"normalize input split '{name}'")
+             for name, split in raw.splits.items()}
 
     groups = _stat_groups(cfg, raw)
-    scans = {name: _scan(s.path, groups, expected, name) for name, s in raw.splits.items()}
+    scans = {name: _scan(files[name], groups) for name in raw.splits}
     dropped = {}
     for name, scan in scans.items():
         if scan["rows"] - scan["nonfinite"] == 0:
@@ -53,29 +50,27 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
                 raise DataError(
                     f"{arrow.FEATURES}: {scan['nonfinite']} row(s) of split '{name}' hold NaN or inf; clean them or set normalize.nonfinite=drop")
             dropped[name] = scan["nonfinite"]
-            log.warning("normalize: dropping %d row(s) with NaN/inf from split '%s'", scan["nonfinite"], name)
+            say(f"normalize: dropping {scan['nonfinite']} row(s) with NaN/inf from split '{name}'")
 
-    stats = _finish(cfg, scans["train"], groups, raw)
-    stats["dropped_rows"] = dropped
+    stats = _finish(cfg, scans["train"], groups, raw).model_copy(update={"dropped_rows": dropped})
     stats_path = out_dir / "norm_stats.json"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats_path.write_text(json.dumps(stats, indent=1))
+    stats.save(stats_path)
 
-    shift = np.asarray(stats["shift"], dtype=np.float32)
-    inv_scale = (1.0 / np.asarray(stats["scale"], dtype=np.float64)).astype(np.float32)
+    shift = np.asarray(stats.shift, dtype=np.float32)
+    inv_scale = (1.0 / np.asarray(stats.scale, dtype=np.float64)).astype(np.float32)
     meta = {"bnflow.image_shape": ",".join(map(str, raw.image_shape)) if raw.image_shape else "",
-            "bnflow.norm_stats_version": stats["version"], "bnflow.norm_config_hash": stats["config_hash"]}
+            "bnflow.norm_stats_version": stats.version, "bnflow.norm_config_hash": stats.config_hash}
     out_schema = arrow.example_schema(raw.num_features, meta)
     splits = {}
     for name, split in raw.splits.items():
         dest = out_dir / name
         dest.mkdir(parents=True)
-        written = _over_files(_file_groups(split.path), _transform_files, out_dir=str(dest),
-                              shift=shift, inv_scale=inv_scale, schema=out_schema)
-        files = sorted((str(w["file"]), str(w["digest"]), int(w["rows"])) for w in written)
-        splits[name] = SplitInfo(path=str(dest), rows=sum(n for _, _, n in files),
-                                 digest=arrow_io.combine_digests([d for _, d, _ in files]))
-    return raw.model_copy(update={"splits": splits}), NormStatsFile(path=str(stats_path), version=stats["version"])
+        written = sorted(w for group in _over_files(_file_groups(files[name]), _transform_files, out_dir=str(dest),
+                                                    shift=shift, inv_scale=inv_scale, schema=out_schema) for w in group)
+        splits[name] = SplitInfo(path=str(dest), rows=sum(n for _, _, n in written),
+                                 digest=arrow_io.combine_digests([d for _, d, _ in written]))
+    return raw.model_copy(update={"splits": splits}), NormStatsFile(path=str(stats_path), version=stats.version)
 
 
 def _stat_groups(cfg: NormalizeConfig, raw: Dataset) -> int:
@@ -102,13 +97,11 @@ def _block_stats(batch: pa.Table, groups: int) -> dict:
         mn, mx = xg.min(axis=(0, 2)).astype(np.float64), xg.max(axis=(0, 2)).astype(np.float64)
     else:
         mn, mx = np.full(groups, np.inf), np.full(groups, -np.inf)
-    return {"rows": np.array([rows]), "nonfinite": np.array([nonfinite]),
-            "count": np.array([float(m.count)]), "mean": m.mean[None], "m2": m.m2[None],
-            "min": mn[None], "max": mx[None]}
+    return {"rows": rows, "nonfinite": nonfinite, "moments": m, "min": mn, "max": mx}
 
 
-def _file_groups(path: str) -> list[list[str]]:
-    """A split's Parquet files in about 2 groups per cluster CPU: one Ray Data task each.
+def _file_groups(files: list[str]) -> list[list[str]]:
+    """A split's Parquet files in about 2 groups per cluster CPU: one Ray task each.
 
     Ray Data's own ``read_parquet`` spends most of its time on per-file planning and re-blocking
     when a split has many small files (measured here: 8.6-15 s to read 2M x 64 float32 in 123
@@ -116,72 +109,58 @@ def _file_groups(path: str) -> list[list[str]]:
     """
     import ray
 
-    files = sorted(str(f) for f in Path(path).glob("*.parquet"))
     parts = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
     return [files[i::parts] for i in range(parts) if files[i::parts]]
 
 
-def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list[dict]:
-    """Run ``fn(files, **kwargs) -> dict of equal-length arrays`` on each file group with Ray
-    Data; returns all their rows."""
+def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list:
+    """``fn(files, **kwargs)`` on each file group as a Ray task; returns the results in group order.
+
+    Raises:
+        UserError: the first line of a data-contract error raised inside a task.
+    """
     import ray
 
-    ds = ray.data.from_items([{"files": g} for g in file_groups], override_num_blocks=len(file_groups))
-    ds.context.raise_original_map_exception = True  # this dataset only: keep DataError's type
-
-    def call(batch):
-        return fn(list(batch["files"][0]), **kwargs)
-
+    task = ray.remote(num_cpus=1)(fn)
     try:
-        return ds.map_batches(call, batch_size=1, batch_format="numpy").take_all()
+        return ray.get([task.remote(group, **kwargs) for group in file_groups])
     except Exception as e:  # a data-contract error raised in a task arrives wrapped by Ray
         inner = find_user_error(e)
         if inner is None:
             raise
-        # Ray Data appends lines of retry advice to the message; ours is the first line.
         raise type(inner)(str(inner).splitlines()[0]) from None
 
 
-def _fit_files(files: list[str], groups: int, expected: pa.Schema, split: str) -> dict:
-    """Stats of a group of files: each file's schema checked against the contract, each file's
-    block stats merged with Chan's merge."""
-    parts = []
-    for f in files:
-        table = pq.read_table(f)
-        arrow.check(table.schema, expected, where=f"normalize input split '{split}' ({Path(f).name})")
-        parts.append(_block_stats(table, groups))
-    m = moments.merge_all([moments.Moments(p["count"][0], p["mean"][0], p["m2"][0]) for p in parts])
-    return {"rows": np.array([sum(int(p["rows"][0]) for p in parts)]),
-            "nonfinite": np.array([sum(int(p["nonfinite"][0]) for p in parts)]),
-            "count": np.array([float(m.count)]), "mean": m.mean[None], "m2": m.m2[None],
-            "min": np.min([p["min"][0] for p in parts], axis=0)[None],
-            "max": np.max([p["max"][0] for p in parts], axis=0)[None]}
+def _fit_files(files: list[str], groups: int) -> dict:
+    """Stats of a group of files, each file's moments merged with Chan's merge."""
+    parts = [_block_stats(arrow_io.read_table(f), groups) for f in files]
+    return {"rows": sum(p["rows"] for p in parts), "nonfinite": sum(p["nonfinite"] for p in parts),
+            "moments": moments.merge_all([p["moments"] for p in parts]),
+            "min": np.min([p["min"] for p in parts], axis=0), "max": np.max([p["max"] for p in parts], axis=0)}
 
 
-def _transform_files(files: list[str], out_dir: str, **kwargs) -> dict:
+def _transform_files(files: list[str], out_dir: str, **kwargs) -> list[tuple[str, str, int]]:
     """Normalize each file into ``out_dir`` under the same name (so output order and digests are
-    deterministic); returns each written file's name, digest and row count."""
-    names, digests, rows = [], [], []
+    deterministic); returns each written file's (name, digest, rows)."""
+    written = []
     for f in files:
-        out = _apply_block(pq.read_table(f), **kwargs)
+        out = _apply_block(arrow_io.read_table(f), **kwargs)
         dest = Path(out_dir) / Path(f).name
         pq.write_table(out, dest)
-        names.append(dest.name)
-        digests.append(arrow_io.file_digest(dest))  # just written: still in the page cache
-        rows.append(out.num_rows)
-    return {"file": np.array(names), "digest": np.array(digests), "rows": np.array(rows)}  # a row per file
+        written.append((dest.name, arrow_io.file_digest(dest), out.num_rows))  # just written: in the page cache
+    return written
 
 
-def _scan(path: str, groups: int, expected: pa.Schema, split: str) -> dict:
+def _scan(files: list[str], groups: int) -> dict:
     """One distributed pass: merged moments, min, max and row counts of a split."""
-    parts = _over_files(_file_groups(path), _fit_files, groups=groups, expected=expected, split=split)
-    merged = moments.merge_all([moments.empty(groups)] + [moments.Moments(p["count"], p["mean"], p["m2"]) for p in parts])
-    return {"rows": int(sum(p["rows"] for p in parts)), "nonfinite": int(sum(p["nonfinite"] for p in parts)),
-            "moments": merged, "min": np.min([np.full(groups, np.inf)] + [p["min"] for p in parts], axis=0),
+    parts = _over_files(_file_groups(files), _fit_files, groups=groups)
+    return {"rows": sum(p["rows"] for p in parts), "nonfinite": sum(p["nonfinite"] for p in parts),
+            "moments": moments.merge_all([moments.empty(groups)] + [p["moments"] for p in parts]),
+            "min": np.min([np.full(groups, np.inf)] + [p["min"] for p in parts], axis=0),
             "max": np.max([np.full(groups, -np.inf)] + [p["max"] for p in parts], axis=0)}
 
 
-def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> dict:
+def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> NormStats:
     m = scan["moments"]
     std = np.sqrt(m.variance(ddof=0))
     if cfg.method == "standard":
@@ -193,12 +172,11 @@ def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> dict
     constant = [int(i) for i in np.flatnonzero(scale == 0)]
     if constant and cfg.method != "none":
         unit = "channel" if groups != raw.num_features else "feature"
-        log.warning("normalize: %d constant %s(s) (zero spread on train) are centred, not scaled: %s",
-                    len(constant), unit, constant[:20])
+        say(f"normalize: {len(constant)} constant {unit}(s) (zero spread on train) are centred, not scaled: {constant[:20]}")
     scale = np.where(scale == 0, 1.0, scale)
     per_unit = raw.num_features // groups
     body = {
-        "schema_version": STATS_SCHEMA_VERSION, "method": cfg.method,
+        "schema_version": NORM_STATS_VERSION, "method": cfg.method,
         "per": "channel" if cfg.per == "channel" and raw.image_shape else "feature",
         "image_shape": list(raw.image_shape) if raw.image_shape else None,
         "num_features": raw.num_features, "count": float(m.count),
@@ -209,7 +187,7 @@ def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> dict
     }
     body["config_hash"] = config_hash(cfg)
     body["version"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-    return body
+    return NormStats.model_validate(body)
 
 
 def _apply_block(batch: pa.Table, shift: np.ndarray, inv_scale: np.ndarray, schema: pa.Schema) -> pa.Table:
@@ -221,10 +199,3 @@ def _apply_block(batch: pa.Table, shift: np.ndarray, inv_scale: np.ndarray, sche
     out = (x - shift) * inv_scale
     return arrow_io.to_table(out, y, schema)
 
-
-def load_stats(path: str | Path) -> dict:
-    """Read a statistics artifact, checking its schema version."""
-    stats = json.loads(Path(path).read_text())
-    if stats.get("schema_version") != STATS_SCHEMA_VERSION:
-        raise DataError(f"{path}: normalization statistics schema_version {stats.get('schema_version')!r}, expected {STATS_SCHEMA_VERSION!r}")
-    return stats

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from schemas.artifacts import Checkpoint, Dataset
+from schemas import arrow
+from schemas.artifacts import Checkpoint, CheckpointState, Dataset
 from schemas.config import RecalibrateConfig
 from tasks import arrow_io
 from tasks.nn.bn_stats import update_bn_stats
@@ -17,27 +16,44 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, out_dir: Path) -> Checkpoint:
     """Write a copy of ``checkpoint`` whose BN running statistics are population statistics of the
-    calibration split (read with Ray Data, normalized like training data)."""
-    import ray.data
+    calibration split (normalized like training data), without the optimizer state.
 
-    state = torch.load(checkpoint.path, weights_only=False)
+    Raises:
+        DataError: calibration files that break the contract or cannot be read.
+    """
+    state = CheckpointState.load(checkpoint.path)
     model = model_from_checkpoint(state)
+    rows = 0
     if cfg.enabled:
-        ds = ray.data.read_parquet(data.split(cfg.split).path)
-        if cfg.max_rows is not None:
-            ds = ds.limit(cfg.max_rows)
-
-        def batches():
-            for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=False):
-                x = arrow_io.features_tensor(batch)
-                if len(x) >= 2:  # a trailing single row has no batch statistics
-                    yield x
-
-        rows = update_bn_stats(model, batches())
-    else:
-        rows = 0
-    state = {**state, "model": model.state_dict(), "optimizer": None, "recalibration": {"rows": rows, "split": cfg.split}}
+        files = arrow_io.check_split(data.split(cfg.split).path, arrow.example_schema(data.num_features),
+                                     where=f"recalibrate input split '{cfg.split}'")
+        rows = update_bn_stats(model, _batches(files, cfg.batch_size, cfg.max_rows))
+    state = state.model_copy(update={
+        "model": model.state_dict(), "optimizer": None, "scheduler": None, "rng": None,
+        "recalibration": {"rows": rows, "split": cfg.split}})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CHECKPOINT_FILE
-    torch.save(state, path)
-    return Checkpoint(path=str(path), epoch=checkpoint.epoch, bn_mode=checkpoint.bn_mode)
+    state.save(path)
+    return Checkpoint(path=str(path), digest=arrow_io.file_digest(path), epoch=checkpoint.epoch, bn_mode=checkpoint.bn_mode)
+
+
+def _batches(files: list[str], batch_size: int, max_rows):
+    """Feature batches of ``batch_size`` rows over the files in order, at most ``max_rows`` rows."""
+    import torch
+
+    budget = max_rows if max_rows is not None else float("inf")
+    pending = []
+    for f in files:
+        if budget <= 0:
+            break
+        x = arrow_io.features_tensor(arrow_io.read_table(f, columns=[arrow.FEATURES]))
+        x = x[: int(min(budget, len(x)))]
+        budget -= len(x)
+        pending.append(x)
+        buf = torch.cat(pending)
+        full = len(buf) // batch_size * batch_size
+        yield from buf[:full].split(batch_size)
+        pending = [buf[full:]]
+    rest = torch.cat(pending) if pending else None
+    if rest is not None and len(rest) >= 2:  # a trailing single row has no batch statistics
+        yield rest

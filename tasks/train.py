@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,14 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from schemas.artifacts import Checkpoint, Dataset, NormStatsFile, TrainHistory
+from schemas import arrow
+from schemas.artifacts import Checkpoint, CheckpointState, Dataset, ModelSpec, NormStats, NormStatsFile, TrainHistory
 from schemas.config import OptimizerConfig, ScheduleConfig, TrainConfig
 from schemas.errors import DataError, TrainingDiverged
 from tasks import arrow_io
+from tasks.console import say
 from tasks.nn import convert_sync_batchnorm
 from tasks.nn.models import build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
+DIVERGED_FILE = "diverged.txt"
 EpochCallback = Callable[[int, dict], None]
 
 
@@ -35,17 +36,26 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
           on_epoch: Optional[EpochCallback] = None) -> tuple[Checkpoint, TrainHistory]:
     """Train on ``data``'s train split with ``cfg.workers`` Ray Train workers; validate on val.
 
+    Resumable: every epoch's state (weights, optimizer, scheduler, RNG, history) is a Ray Train
+    checkpoint under ``out_dir``. Calling this again with the same ``out_dir`` after an interrupted
+    call continues from the last complete epoch, and a failed worker is restarted from it (up to
+    ``cfg.max_failures`` times). The data order is a function of (seed, epoch, rank) only, so a
+    resumed run ends with the same weights as an uninterrupted one.
+
     Args:
-        on_epoch: called on rank 0 only, after each epoch, with (epoch, metrics); must be picklable.
-            The pipeline uses it to stream metrics to MLflow from a single writer.
+        on_epoch: called on rank 0 only, after each epoch's checkpoint is saved, with (epoch,
+            metrics); must be picklable. Epochs restored from a checkpoint are not passed again.
 
     Returns:
-        The final checkpoint (plain-BatchNorm state dict, optimizer, config, normalization stats)
-        and the per-epoch history.
+        The final checkpoint and the per-epoch history.
+
+    Raises:
+        DataError: too few rows for one batch per worker, or split files that break the contract.
+        TrainingDiverged: the train loss became NaN or inf.
     """
     import ray.data
     import ray.train
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     train_rows = data.split("train").rows
@@ -53,32 +63,45 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         raise DataError(
             f"train: {train_rows} training rows cannot fill one batch of train.batch_size={cfg.batch_size} on each of "
             f"train.workers={cfg.workers}; lower train.batch_size or train.workers")
+    expected = arrow.example_schema(data.num_features)
+    for name in ("train", "val"):
+        arrow_io.check_split(data.split(name).path, expected, where=f"train input split '{name}'")
     out_dir.mkdir(parents=True, exist_ok=True)
+    diverged = out_dir / DIVERGED_FILE
+    diverged.unlink(missing_ok=True)
     # Materialized in the object store before the workers start: the read tasks would otherwise
     # compete with the training workers for the same CPUs and could wait forever for one.
     datasets = {name: ray.data.read_parquet(data.split(name).path).materialize() for name in ("train", "val")}
     loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "seed": seed, "num_features": data.num_features,
-        "num_classes": data.num_classes, "image_shape": data.image_shape,
-        "norm_stats_path": norm_stats.path, "on_epoch": on_epoch,
+        "cfg": cfg.model_dump(mode="json"), "seed": seed,
+        "spec": ModelSpec(num_features=data.num_features, num_classes=data.num_classes,
+                          image_shape=data.image_shape).model_dump(mode="json"),
+        "norm_stats": NormStats.load(norm_stats.path).model_dump(mode="json"), "on_epoch": on_epoch,
+        "diverged_path": str(diverged.resolve()),
     }
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        # A fixed name under out_dir: a second call with the same out_dir restores the latest
+        # checkpoint (Ray Train's job-level restoration), which is how an interrupted run resumes.
         run_config=RunConfig(name="ray_train", storage_path=str(out_dir.resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
+    if diverged.exists():
+        raise TrainingDiverged(diverged.read_text().strip())
     with result.checkpoint.as_directory() as d:
-        shutil.copy(Path(d) / CHECKPOINT_FILE, out_dir / CHECKPOINT_FILE)
-        history = json.loads((Path(d) / "history.json").read_text())
-    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-    return (Checkpoint(path=str(out_dir / CHECKPOINT_FILE), epoch=len(history), bn_mode=cfg.bn_mode),
-            TrainHistory(path=str(out_dir / "history.json"), epochs=history))
+        state = CheckpointState.load(Path(d) / CHECKPOINT_FILE)
+    state.save(out_dir / CHECKPOINT_FILE)
+    (out_dir / "history.json").write_text(json.dumps(state.history, indent=1))
+    path = out_dir / CHECKPOINT_FILE
+    return (Checkpoint(path=str(path), digest=arrow_io.file_digest(path), epoch=state.epoch, bn_mode=cfg.bn_mode),
+            TrainHistory(path=str(out_dir / "history.json"), epochs=state.history))
 
 
 def _train_loop(config: dict) -> None:
@@ -90,27 +113,40 @@ def _train_loop(config: dict) -> None:
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     device = ray.train.torch.get_device()
+    spec = ModelSpec.model_validate(config["spec"])
 
     x_train, y_train = _load(ray.train.get_dataset_shard("train"))
     x_val, y_val = _load(ray.train.get_dataset_shard("val")) if rank == 0 else (None, None)
-    model = build_model(cfg.model, config["num_features"], config["num_classes"], config["image_shape"])
-    ddp_model = _distribute(model, cfg.bn_mode, world)
+    model = build_model(cfg.model, spec.num_features, spec.num_classes, spec.image_shape)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.epochs)
-    norm_stats = json.loads(Path(config["norm_stats_path"]).read_text())
+    history: list[dict] = []
+    restored = ray.train.get_checkpoint()
+    if restored is not None:  # a restarted worker group or a resumed run: continue after its epoch
+        with restored.as_directory() as d:
+            state = CheckpointState.load(Path(d) / CHECKPOINT_FILE)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        torch.set_rng_state(state.rng["torch"])
+        history = state.history
+    ddp_model = _distribute(model, cfg.bn_mode, world)
     on_epoch = config["on_epoch"]
 
-    # equal=True sharding gives every rank the same row count, hence the same number of steps:
-    # DDP needs that, or the rank with an extra step waits forever in all_reduce.
+    # DDP and SyncBatchNorm need every rank to take the same number of steps, or the rank with an
+    # extra step waits forever in a collective. Ray's equal=True split promises equal shards; check it.
     steps = len(y_train) // cfg.batch_size
-    shuffle = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    if world > 1:
+        both = torch.tensor([steps, -steps], dtype=torch.float64)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        if int(both[0]) != -int(both[1]):
+            raise RuntimeError(f"rank {rank}: {steps} steps per epoch, but ranks range over {-int(both[1])}..{int(both[0])}")
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         ddp_model.train()
         lr = optimizer.param_groups[0]["lr"]
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
-        order = torch.randperm(len(y_train), generator=shuffle)
+        order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(data_order_seed(config["seed"], epoch, rank)))
         for s in range(steps):
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
@@ -130,32 +166,39 @@ def _train_loop(config: dict) -> None:
         metrics = {"train_loss": float(sums[0] / sums[2]), "train_accuracy": float(sums[1] / sums[2]), "lr": lr,
                    "epoch_seconds": time.perf_counter() - t0}
         if not math.isfinite(metrics["train_loss"]):
-            raise TrainingDiverged(
-                f"train loss is {metrics['train_loss']} at epoch {epoch}: training diverged; lower train.optimizer.lr "
-                "or set train.grad_clip_norm")
+            # Every rank sees the same reduced loss and stops here together. A user error, not a
+            # worker failure: no retry, no worker traceback; the driver raises it from this file.
+            if rank == 0:
+                Path(config["diverged_path"]).write_text(
+                    f"train loss is {metrics['train_loss']} at epoch {epoch}: training diverged; lower train.optimizer.lr "
+                    "or set train.grad_clip_norm\n")
+            return
         if rank == 0:
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 metrics.update(evaluate_arrays(model, x_val, y_val, device, prefix="val_"))
             history.append({"epoch": epoch, **metrics})
-            # Progress on the driver's console. Not print(): Ray Train patches it in workers and
-            # every line would reach the driver twice.
-            sys.stdout.write(f"[train] epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + "\n")
-            sys.stdout.flush()
+            say(f"train epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            state = CheckpointState(
+                # SyncBatchNorm and BatchNorm share their state-dict keys: no conversion needed.
+                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state()},
+                epoch=epoch, config=config["cfg"], bn_mode=cfg.bn_mode, spec=spec,
+                norm_stats=NormStats.model_validate(config["norm_stats"]), history=history)
+            with tempfile.TemporaryDirectory() as d:
+                state.save(Path(d) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            # After the checkpoint: an epoch is logged at most once (a crash in between leaves a gap
+            # that the driver fills from the history, never a repeated step).
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-            with tempfile.TemporaryDirectory() as d:
-                state = {
-                    # SyncBatchNorm and BatchNorm share their state-dict keys: no conversion needed.
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json"),
-                    "bn_mode": cfg.bn_mode, "norm_stats": norm_stats,
-                    "spec": {k: config[k] for k in ("num_features", "num_classes", "image_shape")},
-                }
-                torch.save(state, Path(d) / CHECKPOINT_FILE)
-                (Path(d) / "history.json").write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def data_order_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the shuffle of ``rank``'s shard in ``epoch``: a function of these alone, so a resumed
+    or restarted run visits the rows in the same order as an uninterrupted one."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
 def _load(shard) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,22 +260,25 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
     return torch.optim.Adadelta(groups, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps)
 
 
-def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int, base_lr: float) -> float:
-    """Multiplier of the base learning rate for the epoch ``epoch`` (0-based)."""
-    if epoch < cfg.warmup_epochs:
-        return (epoch + 1) / (cfg.warmup_epochs + 1)
-    e = epoch - cfg.warmup_epochs
-    span = max(1, epochs - cfg.warmup_epochs)  # the last epoch still learns: lr > min_lr there
-    if cfg.kind == "step":
-        return cfg.gamma ** (e // cfg.step_size)
-    if cfg.kind == "exponential":
-        return cfg.gamma ** e
-    if cfg.kind == "cosine":
-        floor = cfg.min_lr / base_lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(e, span) / span))
-    return 1.0
-
-
 def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, epochs: int):
-    base_lr = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e, epochs, base_lr))
+    """torch's per-epoch schedulers: ``cfg.kind`` after ``cfg.warmup_epochs`` of linear warm-up.
+
+    Warm-up epoch e (0-based) runs at (e + 1) / (warmup + 1) of the base rate. Cosine anneals from
+    the base rate to ``min_lr`` over the remaining epochs, reaching it after the last one (the last
+    epoch still trains above it).
+    """
+    from torch.optim import lr_scheduler as S
+
+    span = max(1, epochs - cfg.warmup_epochs)
+    if cfg.kind == "step":
+        main = S.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    elif cfg.kind == "exponential":
+        main = S.ExponentialLR(optimizer, gamma=cfg.gamma)
+    elif cfg.kind == "cosine":
+        main = S.CosineAnnealingLR(optimizer, T_max=span, eta_min=cfg.min_lr)
+    else:
+        main = S.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if cfg.warmup_epochs == 0:
+        return main
+    warm = S.LinearLR(optimizer, start_factor=1 / (cfg.warmup_epochs + 1), end_factor=1.0, total_iters=cfg.warmup_epochs)
+    return S.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup_epochs])

@@ -23,17 +23,18 @@ def _entry(target, rank, world, port, args, queue):
     dist.destroy_process_group()
 
 
-def run_group(target, world: int, *args, timeout: float = 180) -> list:
+def run_group(target, world: int, *args, timeout: float = 180, dies: frozenset = frozenset()) -> list:
     """``target(rank, world, *args)`` on each rank (a module-level function returning a picklable
-    value); returns the values in rank order and checks every process exited cleanly."""
+    value); returns the values in rank order (None for the ranks in ``dies``, which are expected to
+    exit on their own) and checks every other process exited cleanly."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(target, r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=timeout) for _ in procs)}
-    for p in procs:
+    results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=timeout) for _ in range(world - len(dies)))}
+    for r, p in enumerate(procs):
         p.join(timeout=60)
-        assert p.exitcode == 0
-    return [results[r] for r in range(world)]
+        assert r in dies or p.exitcode == 0
+    return [results.get(r) for r in range(world)]

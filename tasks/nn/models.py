@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from schemas.artifacts import CheckpointState
 from schemas.config import ModelConfig
 
 
@@ -105,16 +106,15 @@ class NormalizedClassifier(nn.Module):
         return self.model((x - self.shift) * self.inv_scale)
 
 
-def model_from_checkpoint(state: dict) -> nn.Module:
-    """Rebuild the plain-BatchNorm network stored in a train/recalibrate checkpoint dict."""
-    cfg = ModelConfig.model_validate(state["config"]["model"])
-    spec = state["spec"]
-    model = build_model(cfg, spec["num_features"], spec["num_classes"], spec["image_shape"])
-    model.load_state_dict(state["model"])
+def model_from_checkpoint(state: CheckpointState) -> nn.Module:
+    """Rebuild the plain-BatchNorm network stored in a train/recalibrate checkpoint."""
+    cfg = ModelConfig.model_validate(state.config["model"])
+    spec = state.spec
+    model = build_model(cfg, spec.num_features, spec.num_classes, spec.image_shape)
+    model.load_state_dict(state.model)
     return model.eval()
 
 
-def served_model(state: dict) -> NormalizedClassifier:
+def served_model(state: CheckpointState) -> NormalizedClassifier:
     """Raw features -> logits: the checkpoint's network behind its normalization statistics."""
-    stats = state["norm_stats"]
-    return NormalizedClassifier(model_from_checkpoint(state), stats["shift"], stats["scale"]).eval()
+    return NormalizedClassifier(model_from_checkpoint(state), state.norm_stats.shift, state.norm_stats.scale).eval()

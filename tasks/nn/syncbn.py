@@ -1,8 +1,9 @@
 """SyncBatchNorm that runs on every backend and is exact to the global batch.
 
-``torch.nn.SyncBatchNorm`` has CUDA/XPU kernels only and raises on CPU tensors. This module is a
-drop-in subclass: on CUDA tensors it delegates to torch's implementation; everywhere else (CPU,
-gloo) it normalizes with the statistics of the concatenation of all ranks' batches (Ioffe &
+``torch.nn.SyncBatchNorm`` has CUDA/XPU kernels only and raises on CPU tensors. This module's
+``SyncBatchNorm`` is a drop-in replacement (same constructor, same state-dict keys) but not a subclass
+of torch's, which DDP refuses in CPU models: on CUDA tensors it delegates to torch's implementation;
+everywhere else (CPU, gloo) it normalizes with the statistics of the concatenation of all ranks' batches (Ioffe &
 Szegedy 2015), computed with one all-reduce of 2C+1 float64 values in the forward pass and one of
 2C values in the backward pass (``tasks.collectives``: shared memory between ranks on one host,
 gloo across hosts).
@@ -133,7 +134,7 @@ class SyncBatchNorm(_BatchNorm):
             and dist.get_world_size(group) > 1
         )
         if not distributed:
-            return _plain_batch_norm(self, input)
+            return super().forward(input)  # _BatchNorm's own single-process forward
 
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -145,22 +146,6 @@ class SyncBatchNorm(_BatchNorm):
             self.eps, self.momentum, group,
             int(self.num_batches_tracked) if update and self.momentum is None else 1,
         )
-
-
-def _plain_batch_norm(bn: _BatchNorm, input: torch.Tensor) -> torch.Tensor:
-    """Exactly what ``torch.nn.BatchNorm*d.forward`` does, for a single process."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return F.batch_norm(
-        input,
-        bn.running_mean if track else None,
-        bn.running_var if track else None,
-        bn.weight, bn.bias, use_batch_stats, factor, bn.eps,
-    )
 
 
 class BatchNormNd(_BatchNorm):

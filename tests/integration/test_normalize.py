@@ -1,7 +1,5 @@
 """Normalize stage on a real Ray instance, against float64 NumPy references."""
 
-import json
-import logging
 
 import numpy as np
 import pyarrow as pa
@@ -9,12 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import arrow
-from schemas.artifacts import Dataset
+from schemas.artifacts import Dataset, NormStats
 from schemas.config import DataConfig, NormalizeConfig
 from schemas.errors import DataError, SchemaMismatch
 from tasks import arrow_io
 from tasks.ingest import ingest
-from tasks.normalize import load_stats, normalize
+from tasks.normalize import normalize
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -37,10 +35,10 @@ def test_per_channel_standard_fit_on_train_only(tmp_path):
     out, stats_file = normalize(NormalizeConfig(method="standard", per="channel"), raw, tmp_path / "norm")
     xr, _ = _x(raw.splits["train"])
     mean, std = xr.mean(), xr.std()  # population std over every pixel of every train image
-    stats = load_stats(stats_file.path)
-    assert stats["per"] == "channel" and len(stats["mean"]) == 1
-    assert abs(stats["mean"][0] - mean) / mean < 1e-12
-    assert abs(stats["std"][0] - std) / std < 1e-12
+    stats = NormStats.load(stats_file.path)
+    assert stats.per == "channel" and len(stats.mean) == 1
+    assert abs(stats.mean[0] - mean) / mean < 1e-12
+    assert abs(stats.std[0] - std) / std < 1e-12
     xn, table = _x(out.splits["train"])
     assert abs(xn.mean()) < 1e-5 and abs(xn.std() - 1) < 1e-5
     for split in ("val", "test"):  # transformed with the TRAIN statistics, never refitted
@@ -50,23 +48,23 @@ def test_per_channel_standard_fit_on_train_only(tmp_path):
         assert out.splits[split].rows == raw.splits[split].rows
     meta = table.schema.metadata
     assert meta[b"bnflow.norm_stats_version"].decode() == stats_file.version
-    assert meta[b"bnflow.norm_config_hash"].decode() == stats["config_hash"]
+    assert meta[b"bnflow.norm_config_hash"].decode() == stats.config_hash
     assert meta[b"bnflow.image_shape"] == b"1,28,28"
 
 
-def test_per_feature_minmax_and_constant_features_centred(tmp_path, caplog):
+def test_per_feature_minmax_and_constant_features_centred(tmp_path, capsys):
     rng = np.random.default_rng(0)
     train = rng.normal(5, 2, size=(300, 4)).astype(np.float32)
     train[:, 2] = 7.0  # constant feature
     test = rng.normal(5, 2, size=(50, 4)).astype(np.float32)
     raw = _dataset(tmp_path, {"train": train, "val": train[:20], "test": test})
-    with caplog.at_level(logging.WARNING):
-        out, sf = normalize(NormalizeConfig(method="standard", per="feature"), raw, tmp_path / "std")
-    assert "constant feature(s)" in caplog.text and "[2]" in caplog.text
+    out, sf = normalize(NormalizeConfig(method="standard", per="feature"), raw, tmp_path / "std")
+    printed = capsys.readouterr().out
+    assert "constant feature(s)" in printed and "[2]" in printed
     xn, _ = _x(out.splits["train"])
     assert np.all(xn[:, 2] == 0.0) and np.all(np.isfinite(xn))
     t64 = train.astype(np.float64)
-    np.testing.assert_allclose(load_stats(sf.path)["std"], t64.std(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(NormStats.load(sf.path).std, t64.std(axis=0), rtol=1e-12)
 
     out, sf = normalize(NormalizeConfig(method="minmax", per="feature"), raw, tmp_path / "mm")
     xn, _ = _x(out.splits["train"])
@@ -93,10 +91,10 @@ def test_nonfinite_drop_counts_per_split(tmp_path):
     raw = _dataset(tmp_path, {"train": bad, "val": x[:10], "test": bad[:50]})
     out, sf = normalize(NormalizeConfig(per="feature", nonfinite="drop"), raw, tmp_path / "n")
     assert out.splits["train"].rows == 98 and out.splits["test"].rows == 48 and out.splits["val"].rows == 10
-    stats = json.loads(open(sf.path).read())
-    assert stats["dropped_rows"] == {"train": 2, "test": 2}
+    stats = NormStats.load(sf.path)
+    assert stats.dropped_rows == {"train": 2, "test": 2}
     keep = np.delete(bad, [0, 5], axis=0).astype(np.float64)
-    np.testing.assert_allclose(stats["mean"], keep.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.mean, keep.mean(axis=0), rtol=1e-12)
 
 
 def test_empty_split_and_schema_mismatch(tmp_path):
@@ -114,5 +112,18 @@ def test_empty_split_and_schema_mismatch(tmp_path):
     with pytest.raises(SchemaMismatch, match=r"split 'test'.*field 'features': type fixed_size_list<\w+: double>\[3\], expected "
                                              r"fixed_size_list<\w+: float>\[3\]; missing field 'label'.*unexpected field 'target'") as e:
         normalize(NormalizeConfig(per="feature"), raw, tmp_path / "b" / "n")
-    # Raised in a Ray task, it reaches the caller as the original one-line error, not Ray's wrapper.
+    # Checked from the file footers before any task runs: the original one-line error.
     assert type(e.value) is SchemaMismatch and "\n" not in str(e.value)
+
+
+def test_unreadable_parquet_files_are_named(tmp_path):
+    """Regression: a truncated Parquet file or another file named .parquet gave a pyarrow traceback."""
+    x = np.ones((10, 3), dtype=np.float32)
+    raw = _dataset(tmp_path, {"train": x, "val": x, "test": x})
+    part = next(__import__("pathlib").Path(raw.splits["val"].path).glob("*.parquet"))
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.raises(DataError, match=rf"{part}: not a readable Parquet file .*replace or remove it"):
+        normalize(NormalizeConfig(per="feature"), raw, tmp_path / "n")
+    part.write_text("label,features\n1,2\n")
+    with pytest.raises(DataError, match=rf"{part}: not a readable Parquet file"):
+        normalize(NormalizeConfig(per="feature"), raw, tmp_path / "n2")

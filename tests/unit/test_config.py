@@ -13,8 +13,8 @@ from schemas.errors import ConfigError
 @pytest.mark.parametrize("override, field, words", [
     ("train.optimizer.momentum=1.0", "train.optimizer.momentum=1.0", "less than 1"),
     ("train.optimizer.momentum=-0.1", "train.optimizer.momentum=-0.1", "greater than or equal to 0"),
-    ("train.optimizer.beta1=1.0", "train.optimizer.beta1=1.0", "less than 1"),
-    ("train.optimizer.beta2=1.5", "train.optimizer.beta2=1.5", "less than 1"),
+    ("train.optimizer.name=adam train.optimizer.beta1=1.0", "train.optimizer.beta1=1.0", "less than 1"),
+    ("train.optimizer.name=adam train.optimizer.beta2=1.5", "train.optimizer.beta2=1.5", "less than 1"),
     ("train.optimizer.lr=0", "train.optimizer.lr=0", "greater than 0"),
     ("train.optimizer.lr=-1e-3", "train.optimizer.lr=-0.001", "greater than 0"),
     ("train.epochs=0", "train.epochs=0", "greater than or equal to 1"),
@@ -25,7 +25,7 @@ def test_bad_values_name_field_value_and_range(override, field, words):
     if override.startswith("model."):
         override = "train." + override
     with pytest.raises(ConfigError) as e:
-        recipes.load("digits", [override])
+        recipes.load("digits", override.split())
     msg = str(e.value)
     assert field in msg
     if words:
@@ -36,13 +36,31 @@ def test_bad_values_name_field_value_and_range(override, field, words):
 def test_unknown_key_is_rejected_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"train.optimizr: unknown key; did you mean 'train.optimizer'"):
         recipes.load("digits", ["train.optimizr.lr=0.1"])
-    with pytest.raises(ConfigError, match=r"train.optimizer.learning_rate: unknown key"):
+    with pytest.raises(ConfigError, match=r"train.optimizer.learning_rate: not a setting of the sgd optimizer"):
         recipes.load("digits", ["train.optimizer.learning_rate=0.1"])
+    with pytest.raises(ConfigError, match=r"train.optimizer.momentun: .*did you mean 'train.optimizer.momentum'"):
+        recipes.load("digits", ["train.optimizer.momentun=0.5"])
 
 
 def test_cross_field_rules():
     with pytest.raises(ConfigError, match="nesterov=true needs train.optimizer.momentum > 0"):
         recipes.load("digits", ["train.optimizer.nesterov=true", "train.optimizer.momentum=0"])
+    with pytest.raises(ConfigError, match=r"train.schedule.min_lr=0.1 must be below train.optimizer.lr=0.05"):
+        recipes.load("digits", ["train.schedule.min_lr=0.1"])
+
+
+def test_each_optimizer_takes_only_its_own_knobs_with_the_course_defaults():
+    with pytest.raises(ConfigError, match=r"^train.optimizer.beta1: not a setting of the sgd optimizer \(its settings: "
+                                          r"\['lr', 'momentum', 'name', 'nesterov', 'weight_decay'\]\)"):
+        recipes.load("digits", ["train.optimizer.beta1=0.5"])
+    with pytest.raises(ConfigError, match=r"train.optimizer.name='adamw': unknown optimizer; choose one of"):
+        recipes.load("digits", ["train.optimizer.name=adamw"])
+    adam = recipes.load("digits", ["train.optimizer.name=adam"]).train.optimizer
+    assert (adam.lr, adam.beta1, adam.beta2, adam.eps) == (1e-3, 0.9, 0.999, 1e-8)
+    rms = recipes.load("digits", ["train.optimizer.name=rmsprop", "train.optimizer.lr=0.01"]).train.optimizer
+    assert rms.momentum == 0.0 and rms.lr == 0.01  # RMSprop no longer inherits SGD's momentum
+    with pytest.raises(ConfigError, match="train.optimizer.nesterov: not a setting of the adam optimizer"):
+        recipes.load("digits", ["train.optimizer.name=adam", "train.optimizer.nesterov=true"])
 
 
 def test_unknown_recipe_and_malformed_override():

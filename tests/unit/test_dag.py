@@ -23,33 +23,47 @@ def test_shipped_pipeline_is_valid_and_ordered():
 
 
 def test_cycle_is_reported_with_its_path():
-    nodes = (Node("b", _b, "x", {"x": "y_out"}, {"x_out": int}), Node("c", _c, "x", {"y": "x_out"}, {"y_out": int}))
+    nodes = (Node("b", _b, "data", {"x": "y_out"}, {"x_out": int}), Node("c", _c, "data", {"y": "x_out"}, {"y_out": int}))
     with pytest.raises(DagError, match="cycle: .*b.*c"):
         validate(nodes)
 
 
 def test_missing_input_suggests_the_close_name():
-    nodes = (Node("a", _a, "x", {"seed": "seed"}, {"raw": int}), Node("b", _b, "x", {"x": "rawx"}, {"out": int}))
+    nodes = (Node("a", _a, "data", {"seed": "seed"}, {"raw": int}), Node("b", _b, "data", {"x": "rawx"}, {"out": int}))
     with pytest.raises(DagError, match="no stage produces; did you mean 'raw'"):
         validate(nodes)
 
 
 def test_two_producers_of_one_artifact():
-    nodes = (Node("a", _a, "x", {"seed": "seed"}, {"raw": int}), Node("a2", _a, "x", {"seed": "seed"}, {"raw": int}))
+    nodes = (Node("a", _a, "data", {"seed": "seed"}, {"raw": int}), Node("a2", _a, "data", {"seed": "seed"}, {"raw": int}))
     with pytest.raises(DagError, match="two producers"):
         validate(nodes)
 
 
 def test_duplicate_stage_names():
-    nodes = (Node("a", _a, "x", {"seed": "seed"}, {"r1": int}), Node("a", _a, "x", {"seed": "seed"}, {"r2": int}))
+    nodes = (Node("a", _a, "data", {"seed": "seed"}, {"r1": int}), Node("a", _a, "data", {"seed": "seed"}, {"r2": int}))
     with pytest.raises(DagError, match="duplicate stage names"):
         validate(nodes)
 
 
 def test_inputs_must_bind_to_the_signature():
-    unknown = (Node("a", _a, "x", {"seed": "seed", "nope": "seed"}, {"r": int}),)
+    unknown = (Node("a", _a, "data", {"seed": "seed", "nope": "seed"}, {"r": int}),)
     with pytest.raises(DagError, match="no parameter"):
         validate(unknown)
-    unbound = (Node("a", _a, "x", {}, {"r": int}),)
+    unbound = (Node("a", _a, "data", {}, {"r": int}),)
     with pytest.raises(DagError, match=r"\['seed'\] are not bound"):
         validate(unbound)
+
+
+def test_unknown_config_section_is_a_wiring_error():
+    nodes = (Node("a", _a, "trian", {"seed": "seed"}, {"r": int}),)
+    with pytest.raises(DagError, match="config section 'trian'.*did you mean 'train'"):
+        validate(nodes)
+
+
+def test_unknown_sink_is_a_wiring_error():
+    def f(cfg, out_dir, seed, log):
+        return 1
+    nodes = (Node("a", f, "data", {"seed": "seed"}, {"r": int}, sinks={"log": "epoch_loger"}),)
+    with pytest.raises(DagError, match="sink 'log' wants 'epoch_loger'.*did you mean 'epoch_logger'"):
+        validate(nodes)

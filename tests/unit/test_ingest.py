@@ -11,7 +11,7 @@ import pytest
 from schemas import arrow
 from schemas.config import DataConfig
 from schemas.errors import DataError
-from tasks.ingest import ingest
+from tasks.ingest import check_source, ingest
 from tests.conftest import FASHION_MNIST
 
 
@@ -70,8 +70,15 @@ def test_user_parquet_with_configured_columns(tmp_path):
 
 
 @pytest.mark.parametrize("kind, match", [
-    ("missing", r"data.features_column: column 'x' not in the train split"),
-    ("float_label", r"data.label_column: 'y' has type double, expected an integer"),
+    ("missing", r"data.features_column: column 'x' not in \S+/train/p.parquet \(columns: \['feat', 'y'\]\)"),
+    ("float_label", r"data.label_column: 'y' in \S+/train/p.parquet has type double, expected an integer"),
+    ("string_features", r"data.features_column: 'x' in \S+/train/p.parquet holds string values, expected numbers"),
+    ("null_label", r"data.label_column: 1 null label\(s\) in the train split"),
+    ("null_row", r"data.features_column: 1 null feature row\(s\) in the train split"),
+    ("null_value", r"data.features_column: 1 null value\(s\) inside feature rows of the train split"),
+    ("single_row", r"only 1 training rows; need at least 2"),
+    ("truncated", r"\S+/train/p.parquet: not a readable Parquet file .*replace or remove it"),
+    ("not_parquet", r"\S+/train/p.parquet: not a readable Parquet file"),
     ("out_of_range", r"label\(s\) outside \[0, 3\)"),
     ("ragged", r"rows of different lengths in the train split \(3..4\)"),
     ("schema_differs", r"test split's schema differs from train: field 'y': type int32, expected int64"),
@@ -88,15 +95,35 @@ def test_user_parquet_contract_errors(tmp_path, kind, match):
         train = _table(labels=pa.array(np.full(20, 7), pa.int64()))
     elif kind == "ragged":
         train = _table(feats=pa.array([[1.0, 2, 3, 4]] * 19 + [[1.0, 2, 3]], pa.list_(pa.float64())))
+    elif kind == "string_features":
+        train = _table(feats=pa.array([["0.5", "1", "2", "3"]] * 20, pa.list_(pa.string())))
+    elif kind == "null_label":
+        train = _table(labels=pa.array([None] + [1] * 19, pa.int64()))
+    elif kind == "null_row":
+        train = _table(feats=pa.array([None] + [[1.0, 2, 3, 4]] * 19, pa.list_(pa.float64())))
+    elif kind == "null_value":
+        train = _table(feats=pa.array([[1.0, None, 3, 4]] + [[1.0, 2, 3, 4]] * 19, pa.list_(pa.float64())))
+    elif kind == "single_row":
+        train = good.slice(0, 1)
+    elif kind in ("truncated", "not_parquet"):
+        train = good
     elif kind == "schema_differs":
         train, test = good, _table(label_type=pa.int32())
     else:
         train = good.slice(0, 0)
     (tmp_path / "in").mkdir()
     path = _write_user(tmp_path / "in", train, test)
+    part = tmp_path / "in" / "train" / "p.parquet"
+    if kind == "truncated":
+        part.write_bytes(part.read_bytes()[:100])
+    elif kind == "not_parquet":
+        part.write_text("x,y\n0.5,1\n")
     cfg = DataConfig(source="parquet", path=path, features_column="x", label_column="y", num_classes=3)
     with pytest.raises(DataError, match=match):
         ingest(cfg, tmp_path / "out", seed=0)
+    if kind in ("missing", "float_label", "string_features", "truncated", "not_parquet"):
+        with pytest.raises(DataError, match=match):  # found from the footers alone, before Ray starts
+            check_source(cfg)
 
 
 def test_missing_fashion_mnist_dir_names_the_fix(tmp_path):

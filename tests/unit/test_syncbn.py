@@ -65,8 +65,7 @@ def _count_all_reduce(fn):
 def _worker(rank, world, transport):
     from tasks import collectives
 
-    collectives._force_gloo = transport == "gloo"
-    out = {"transport": collectives.transport()}
+    out = {"transport": collectives.use_transport(None, "gloo" if transport == "gloo" else "auto")}
     for i, (name, sizes, spatial, dtype, momentum, offset) in enumerate(_cases(world)):
         x, g, w, b = _global_input(sizes, spatial, dtype, offset, seed=i)
         lo = sum(sizes[:rank])

@@ -5,36 +5,70 @@ import math
 import pytest
 import torch
 
-from schemas.config import ModelConfig, OptimizerConfig, ScheduleConfig
+from schemas.config import (AdadeltaConfig, AdagradConfig, AdamConfig, ModelConfig, RMSpropConfig, ScheduleConfig,
+                            SGDConfig)
 from tasks.evaluate import diagnose
 from tasks.nn.models import build_model
-from tasks.train import build_optimizer, lr_factor
+from tasks.train import build_optimizer, build_scheduler
 
 
-def test_schedules():
-    step = ScheduleConfig(kind="step", step_size=2, gamma=0.5)
-    assert [lr_factor(step, e, 6, 0.1) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
-    exp = ScheduleConfig(kind="exponential", gamma=0.9)
-    assert lr_factor(exp, 3, 10, 0.1) == pytest.approx(0.9 ** 3)
-    cos = ScheduleConfig(kind="cosine", min_lr=0.01)
-    vals = [lr_factor(cos, e, 5, 0.1) for e in range(5)]
-    assert vals[0] == 1.0 and all(a > b for a, b in zip(vals, vals[1:]))
-    assert vals[-1] > 0.1  # the last epoch still learns
-    assert lr_factor(cos, 5, 5, 0.1) == pytest.approx(0.1)  # reaches min_lr / lr after the last epoch
-    warm = ScheduleConfig(kind="constant", warmup_epochs=3)
-    assert [lr_factor(warm, e, 6, 0.1) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+def _reference_factor(cfg: ScheduleConfig, epoch: int, epochs: int, base_lr: float) -> float:
+    """The closed-form schedule bnflow used before torch's schedulers (0-based epoch)."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    e, span = epoch - cfg.warmup_epochs, max(1, epochs - cfg.warmup_epochs)
+    if cfg.kind == "step":
+        return cfg.gamma ** (e // cfg.step_size)
+    if cfg.kind == "exponential":
+        return cfg.gamma ** e
+    if cfg.kind == "cosine":
+        floor = cfg.min_lr / base_lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(e, span) / span))
+    return 1.0
 
 
-@pytest.mark.parametrize("name, cls, check", [
-    ("sgd", torch.optim.SGD, lambda g: g["momentum"] == 0.8 and g["nesterov"]),
-    ("adam", torch.optim.Adam, lambda g: g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8),
-    ("rmsprop", torch.optim.RMSprop, lambda g: g["alpha"] == 0.99),
-    ("adagrad", torch.optim.Adagrad, lambda g: g["eps"] == 1e-8),
-    ("adadelta", torch.optim.Adadelta, lambda g: g["rho"] == 0.9),
+def _lrs(cfg: ScheduleConfig, epochs: int, base_lr: float = 0.1) -> list[float]:
+    model = build_model(ModelConfig(kind="mlp", hidden=(4,)), 3, 2)
+    opt = build_optimizer(SGDConfig(lr=base_lr), model)
+    sched = build_scheduler(cfg, opt, epochs)
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("cfg", [
+    ScheduleConfig(kind="step", step_size=2, gamma=0.5), ScheduleConfig(kind="exponential", gamma=0.9),
+    ScheduleConfig(kind="cosine", min_lr=0.01), ScheduleConfig(kind="cosine"), ScheduleConfig(kind="constant"),
+    ScheduleConfig(kind="constant", warmup_epochs=3), ScheduleConfig(kind="cosine", warmup_epochs=2, min_lr=0.001),
+    ScheduleConfig(kind="step", step_size=3, gamma=0.1, warmup_epochs=1),
 ])
-def test_optimizers_and_weight_decay_groups(name, cls, check):
+def test_torch_schedulers_keep_the_learning_rate_of_every_epoch(cfg):
+    epochs = 9
+    expect = [0.1 * _reference_factor(cfg, e, epochs, 0.1) for e in range(epochs)]
+    assert _lrs(cfg, epochs) == pytest.approx(expect, rel=1e-12, abs=1e-15)
+
+
+def test_cosine_last_epoch_still_learns_and_warmup_ramps():
+    lrs = _lrs(ScheduleConfig(kind="cosine", min_lr=0.01), 5)
+    assert lrs[0] == 0.1 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0.01
+    assert _lrs(ScheduleConfig(kind="constant", warmup_epochs=3), 5) == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("cfg, cls, check", [
+    (SGDConfig(lr=0.01, momentum=0.8, nesterov=True, weight_decay=1e-4), torch.optim.SGD,
+     lambda g: g["momentum"] == 0.8 and g["nesterov"]),
+    (AdamConfig(name="adam", weight_decay=1e-4), torch.optim.Adam,
+     lambda g: g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and g["lr"] == 1e-3),
+    (RMSpropConfig(name="rmsprop", weight_decay=1e-4), torch.optim.RMSprop, lambda g: g["alpha"] == 0.99 and g["momentum"] == 0),
+    (AdagradConfig(name="adagrad", weight_decay=1e-4), torch.optim.Adagrad, lambda g: g["lr"] == 1e-2),
+    (AdadeltaConfig(name="adadelta", weight_decay=1e-4), torch.optim.Adadelta, lambda g: g["rho"] == 0.9),
+])
+def test_optimizers_and_weight_decay_groups(cfg, cls, check):
     model = build_model(ModelConfig(kind="mlp", hidden=(8,)), 4, 3)
-    opt = build_optimizer(OptimizerConfig(name=name, lr=0.01, momentum=0.8, nesterov=True, weight_decay=1e-4), model)
+    opt = build_optimizer(cfg, model)
     assert isinstance(opt, cls)
     decay, no_decay = opt.param_groups
     assert check(decay)

@@ -1,4 +1,7 @@
-"""Recipes: a YAML file plus ``--set key=value`` overrides, resolved into one validated config."""
+"""Recipes: a YAML file plus ``--set key=value`` overrides, resolved into one validated config.
+
+The shipped recipes are the YAML files beside this module (package data: a wheel carries them).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from schemas.config import RECIPES_DIR, PipelineConfig
+from schemas.config import OPTIMIZERS, PipelineConfig
 from schemas.errors import ConfigError
 
 DEFAULT_RECIPE = "fashion_mnist"
+RECIPES_DIR = Path(__file__).resolve().parent
 
 
 def available() -> list[str]:
@@ -46,12 +50,26 @@ def load(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ())
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    parsed = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.optimizer.lr=0.1")
-        _assign(raw, key.strip().split("."), _parse_value(value))
+        parsed.append((key.strip().split("."), _parse_value(value)))
+    _switch_optimizer(raw, parsed)
+    for keys, value in parsed:
+        _assign(raw, keys, value)
     return validate(raw)
+
+
+def _switch_optimizer(raw: dict, parsed: list) -> None:
+    """``--set train.optimizer.name=X`` naming another optimizer than the recipe's starts the section
+    afresh: the recipe's knobs belong to its own optimizer (SGD's momentum means nothing to Adam),
+    and X's defaults apply unless other --set values give them."""
+    names = [v for k, v in parsed if k == ["train", "optimizer", "name"]]
+    section = (raw.get("train") or {}).get("optimizer") if isinstance(raw.get("train"), dict) else None
+    if names and isinstance(section, dict) and names[-1] in OPTIMIZERS and section.get("name", "sgd") != names[-1]:
+        raw["train"]["optimizer"] = {}
 
 
 def validate(raw: dict) -> PipelineConfig:
@@ -87,13 +105,24 @@ def _one_line(err: ValidationError, raw: dict) -> str:
     errors = err.errors()
     first = errors[0]
     loc = [str(p) for p in first["loc"]]
+    tag = None
+    if len(loc) > 2 and loc[:2] == ["train", "optimizer"] and loc[2] in OPTIMIZERS:
+        tag = loc.pop(2)  # a discriminated union puts its tag in the location: drop it from the name
     field = ".".join(loc) or "config"
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
+        if tag is not None:
+            known = sorted(OPTIMIZERS[tag].model_fields)
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            fix = f"did you mean 'train.optimizer.{close[0]}'?" if close else "remove it or choose an optimizer that has it"
+            return f"{field}: not a setting of the {tag} optimizer (its settings: {known}); {fix}{more}"
         known = _known_fields(PipelineConfig, loc[:-1])
         close = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f"did you mean '{'.'.join(loc[:-1] + [close[0]])}'?" if close else f"known keys here: {known}"
         return f"{field}: unknown key; {hint}{more}"
+    if first["type"] == "union_tag_invalid":
+        tag_value = (first.get("ctx") or {}).get("tag")
+        return f"{field}.name={tag_value!r}: unknown optimizer; choose one of {sorted(OPTIMIZERS)}{more}"
     msg = first["msg"]
     if msg.startswith("Value error, "):
         return msg.removeprefix("Value error, ") + more
