@@ -28,7 +28,7 @@ def connect(cfg: PipelineConfig) -> None:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             # The dashboard serves Ray's State API, which Ray Train's placement-group monitor polls
             # (without it, it warns every few seconds); it is also where users watch the workers.
-            ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+            ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                            log_to_driver=True)
             if ctx.dashboard_url:
                 print(f"[bnflow] embedded Ray; dashboard at http://{ctx.dashboard_url}", flush=True)

@@ -130,6 +130,8 @@ def _train_loop(config: dict) -> None:
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.rng["torch"])
         history = state.history
+        if rank == 0:
+            say(f"train: resuming after epoch {state.epoch} from its checkpoint")
     ddp_model = _distribute(model, cfg.bn_mode, world)
     on_epoch = config["on_epoch"]
 

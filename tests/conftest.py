@@ -38,30 +38,39 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with a sqlite store; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:``port`` with a sqlite store under ``root``; returns once healthy."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
            "--workers", "1"]
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
+            return proc
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-    yield uri
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a sqlite store; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = start_mlflow_server(root, port)
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)

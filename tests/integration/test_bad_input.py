@@ -1,0 +1,109 @@
+"""The bad-input corpus, run as a user runs it: ``python -m pipeline run`` in a fresh process.
+
+Every case ends with exit code 2 and ONE line on stderr naming the file or field and the fix, no
+traceback anywhere in the output, no manifest for the stage that failed, and no MLflow run left
+RUNNING. Cases found before Ray starts must answer fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _user_data(root: Path, kind: str) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        table = pa.table({"features": pa.array(rng.normal(size=(40, 4)).tolist()), "label": pa.array(np.arange(40) % 3)})
+        pq.write_table(table, root / split / "p.parquet")
+    part = root / "train" / "p.parquet"
+    if kind == "truncated":
+        part.write_bytes(part.read_bytes()[:200])
+    elif kind == "not_parquet":
+        part.write_text("features,label\n0.5,1\n")
+    elif kind == "strings":
+        pq.write_table(pa.table({"features": pa.array([["0.5", "1", "2", "3"]] * 40), "label": pa.array(np.arange(40) % 3)}), part)
+    return root
+
+
+def _run(tmp_path, *sets, run_id="bad", env=None):
+    args = [sys.executable, "-m", "pipeline", "run", "--recipe", "digits", "--run-id", run_id,
+            "--set", f"storage={tmp_path / 'storage'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    for s in sets:
+        args += ["--set", s]
+    t0 = time.time()
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    return r, time.time() - t0
+
+
+def _assert_clean_user_error(r, words: str):
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: ") and words in lines[0], lines[0]
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def _no_running_runs(tmp_path):
+    db = tmp_path / "mlflow.db"
+    if not db.exists():
+        return
+    client = MlflowClient(f"sqlite:///{db}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    assert not [r for r in client.search_runs(exps) if r.info.status == "RUNNING"]
+
+
+@pytest.mark.parametrize("case, sets, env, words", [
+    ("run id with a separator", [], None, "use letters, digits"),
+    ("unwritable storage", ["storage=/proc/bnflow"], None, "storage=/proc/bnflow: cannot write there"),
+    ("unreachable tracking server", ["tracking.uri=http://127.0.0.1:{port}"], None,
+     "tracking.uri=http://127.0.0.1:{port}: no MLflow server answers"),
+    ("unreachable Ray address", [], {"RAY_ADDRESS": "127.0.0.1:{port}"}, "RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers"),
+    ("truncated parquet", ["data.source=parquet", "data.path={data}", "data.num_classes=3"], None,
+     "p.parquet: not a readable Parquet file"),
+    ("non-parquet file named .parquet", ["data.source=parquet", "data.path={data}", "data.num_classes=3"], None,
+     "p.parquet: not a readable Parquet file"),
+    ("feature strings", ["data.source=parquet", "data.path={data}", "data.num_classes=3"], None,
+     "holds string values, expected numbers; convert the features to float32"),
+    ("unknown optimizer knob", ["train.optimizer.beta1=0.5"], None, "not a setting of the sgd optimizer"),
+])
+def test_fails_before_any_compute_with_one_line(tmp_path, case, sets, env, words):
+    port = free_port()
+    kind = {"truncated parquet": "truncated", "non-parquet file named .parquet": "not_parquet",
+            "feature strings": "strings"}.get(case)
+    data = _user_data(tmp_path / "user", kind) if kind else None
+    fill = {"port": port, "data": data}
+    sets = [s.format(**fill) for s in sets]
+    env = {k: v.format(**fill) for k, v in (env or {}).items()}
+    run_id = "../escape" if case == "run id with a separator" else "bad"
+    r, seconds = _run(tmp_path, *sets, run_id=run_id, env=env)
+    _assert_clean_user_error(r, words.format(**fill))
+    assert seconds < 60  # before Ray and MLflow work: python start-up plus a check
+    assert not (tmp_path / "escape").exists()
+    assert not list((tmp_path / "storage").rglob("manifest.json")) if (tmp_path / "storage").exists() else True
+    _no_running_runs(tmp_path)
+
+
+def test_divergent_learning_rate_is_one_line_without_worker_tracebacks(tmp_path):
+    r, _ = _run(tmp_path, "train.optimizer.lr=1e6", "train.epochs=3", "train.max_failures=2")
+    _assert_clean_user_error(r, "training diverged; lower train.optimizer.lr or set train.grad_clip_norm")
+    storage = tmp_path / "storage" / "bad"
+    assert (storage / "normalize" / "manifest.json").exists()
+    assert not (storage / "train").exists()  # the failed stage published nothing
+    _no_running_runs(tmp_path)
