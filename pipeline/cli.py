@@ -93,10 +93,12 @@ def _run(args) -> int:
     check_reachable(Tracker.uri_for(cfg))
     lease = Lease(root, run_id).acquire(wait=args.wait_for_lock)
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    previous = signal.getsignal(signal.SIGTERM)
     t0 = time.perf_counter()
     try:
         cluster.connect(cfg)
+        if main_thread:  # after ray.init, which installs a SIGTERM handler of its own
+            signal.signal(signal.SIGTERM, _on_sigterm)
         tracker = Tracker(cfg, run_id, derived=dag.derived_params(cfg))
         parent = tracker.start()
         say(f"run {run_id}: MLflow run {parent} in {tracker.uri}")
@@ -131,6 +133,11 @@ def _stop_quietly(tracker) -> None:
     marked), then mark the open runs KILLED. A tracking outage must not turn this into a traceback."""
     import ray
 
+    if threading.current_thread() is threading.main_thread():
+        # A terminal's Ctrl-C reaches every process of the group, and impatient users press it
+        # twice: neither may cut this cleanup short. SIGKILL still ends it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if ray.is_initialized():
         ray.shutdown()
     if tracker is not None and tracker.parent_id is not None:

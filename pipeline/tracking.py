@@ -74,8 +74,9 @@ def ui_command(uri: str, experiment_id: str = "", run_id: str = "") -> str:
 class EpochLogger:
     """Per-epoch metrics to one MLflow run, from the process that calls it (rank 0).
 
-    A tracking outage does not stop training: a batch that cannot be sent stays buffered and goes
-    with the next epoch's (each try waits at most a few seconds), and whatever is still missing
+    Logging is idempotent per epoch (a step already in the run is not logged again), and a tracking
+    outage does not stop training: a batch that cannot be sent stays buffered and goes with the
+    next epoch's (each try waits at most a few seconds), and whatever is still missing
     when training ends is filled in by the driver from the train history. Nothing is logged once
     the run is no longer RUNNING (a killed run stays as it was left).
     """
@@ -104,7 +105,13 @@ class EpochLogger:
             if client.get_run(self.run_id).info.status != "RUNNING":
                 self.pending = []
                 return
-            client.log_batch(self.run_id, metrics=self.pending)
+            # Idempotent: an epoch a killed attempt already logged (its workers can outlive the
+            # driver by a moment, after the last checkpoint the resumed run starts from) is not
+            # logged twice. An epoch's metrics go in one batch, so one key tells.
+            logged = {m.step for m in client.get_metric_history(self.run_id, self.pending[0].key)}
+            fresh = [m for m in self.pending if m.step not in logged]
+            if fresh:
+                client.log_batch(self.run_id, metrics=fresh)
             self.pending = []
         except Exception as e:  # an outage: keep the metrics for the next try
             if not self.warned:

@@ -92,7 +92,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     if diverged.exists():
         raise TrainingDiverged(diverged.read_text().strip())
     with result.checkpoint.as_directory() as d:
@@ -102,6 +102,29 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     path = out_dir / CHECKPOINT_FILE
     return (Checkpoint(path=str(path), digest=arrow_io.file_digest(path), epoch=state.epoch, bn_mode=cfg.bn_mode),
             TrainHistory(path=str(out_dir / "history.json"), epochs=state.history))
+
+
+def _fit(trainer):
+    """``trainer.fit()`` in a helper thread. On the main thread Ray Train installs its own SIGINT
+    handler, which aborts the run and exits the process with a code of its own; from a helper thread
+    Ctrl-C stays a KeyboardInterrupt in the caller, which decides what an interruption means."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="bnflow-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: signals are handled between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _train_loop(config: dict) -> None:

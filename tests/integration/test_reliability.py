@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -70,9 +71,10 @@ def reference(mlflow_server, tmp_path_factory):
     return _weights(storage, "rel-ref")
 
 
-def _start(args, tmp_path, env_extra=None):
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "raytmp"), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    (tmp_path / "raytmp").mkdir(exist_ok=True)
+def _start(args, ray_tmp: str, env_extra=None):
+    """The CLI in a fresh process with its own embedded Ray, whose processes carry ``ray_tmp`` (a
+    short path: Ray's socket paths must fit in 107 characters) in their command lines."""
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -103,20 +105,20 @@ def test_killed_driver_resumes_from_its_last_epoch(reference, mlflow_server, tmp
     storage = tmp_path / "s"
     args = _args("rel-kill", storage, mlflow_server)
     shm_before = set(os.listdir("/dev/shm"))
-    proc = _start(args, tmp_path)
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    proc = _start(args, ray_tmp)
     _wait_for_line(proc, "train epoch 1/")
     proc.kill()  # SIGKILL: no cleanup of any kind
     proc.wait()
     deadline = time.time() + 60
-    while _leftovers(str(tmp_path / "raytmp")) and time.time() < deadline:
+    while _leftovers(ray_tmp) and time.time() < deadline:
         time.sleep(1)
-    assert _leftovers(str(tmp_path / "raytmp")) == []  # no Ray process of the killed driver survives
+    assert _leftovers(ray_tmp) == []  # no Ray process of the killed driver survives
     assert not (storage / "rel-kill" / "train").exists()  # only the .partial work directory
 
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "ingest: complete" in out and "normalize: complete" in out
-    assert "train: resuming after epoch" not in out or True  # printed by a worker (not captured here)
     _assert_same_weights(_weights(storage, "rel-kill"), reference)
     stages = _by_stage(mlflow_server, "rel-kill")
     assert stages["pipeline"].info.status == "FINISHED"
@@ -128,7 +130,7 @@ def test_killed_driver_resumes_from_its_last_epoch(reference, mlflow_server, tmp
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_marks_runs_killed_and_says_how_to_resume(mlflow_server, tmp_path, sig, code):
     run_id = f"rel-sig{code}"
-    proc = _start(_args(run_id, tmp_path / "s", mlflow_server, epochs=30), tmp_path)
+    proc = _start(_args(run_id, tmp_path / "s", mlflow_server, epochs=30), tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     _wait_for_line(proc, "train epoch 1/")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
