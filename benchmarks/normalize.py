@@ -1,7 +1,7 @@
 """Normalization fit + transform: bnflow's normalize stage against what users would otherwise pick.
 
 Competitors, all in this one run on the same Ray instance and the same input bytes:
-  * bnflow   -- tasks.normalize.normalize (Ray Data, one distributed fit pass + one transform pass)
+  * bnflow   -- tasks.normalize.normalize (Ray tasks over file groups: one fit pass + one transform pass)
   * ray_data -- ray.data.preprocessors.StandardScaler (fit, then transform + write_parquet)
   * sklearn  -- pyarrow read, sklearn.preprocessing.StandardScaler fit_transform, pyarrow write
   * floor    -- pyarrow read, NumPy float64 two-pass mean/std, transform, pyarrow write (one process)

@@ -24,7 +24,7 @@ EXIT_USER_ERROR = 2
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="bnflow: BatchNorm training pipeline on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run (or resume) a recipe end to end"), ("show-config", "print the resolved config")):
@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-id", default=None, help="resume this run id (completed stages are skipped, training continues from its last epoch)")
     run.add_argument("--wait-for-lock", action="store_true", help="if another process works on this run id, wait for it instead of exiting")
     sub.choices["show-config"].add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "show-config":
             return _show_config(args)

@@ -45,6 +45,7 @@ class Node:
     sinks: dict[str, str] = field(default_factory=dict)
     params: Optional[Callable] = None  # section -> {dotted name: value}: derived values to log as params
     source: Optional[Callable] = None  # section -> str: fingerprint of what the stage reads from outside the run
+    resumable: bool = False  # continues from its own checkpoints in an interrupted attempt's .partial directory
 
 
 PIPELINE: tuple[Node, ...] = (
@@ -52,7 +53,8 @@ PIPELINE: tuple[Node, ...] = (
     Node("normalize", normalize, "normalize", {"raw": "raw"}, {"data": A.Dataset, "norm_stats": A.NormStatsFile}),
     Node("train", train, "train", {"data": "data", "norm_stats": "norm_stats", "seed": "seed"},
          {"trained": A.Checkpoint, "history": A.TrainHistory}, sinks={"on_epoch": "epoch_logger"},
-         params=lambda section: {"train.bn_mode": section.bn_mode}),  # the resolved mode, not just the knob
+         params=lambda section: {"train.bn_mode": section.bn_mode},  # the resolved mode, not just the knob
+         resumable=True),
     Node("recalibrate", recalibrate, "recalibrate", {"checkpoint": "trained", "data": "data"},
          {"recalibrated": A.Checkpoint}),
     Node("evaluate", evaluate, "evaluate",

@@ -36,7 +36,6 @@ from tasks.console import say
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = "2"
 PARTIAL = ".partial"
-RESUMABLE = ("train",)  # stages that continue from their own checkpoints in their .partial directory
 
 
 def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, ...] = PIPELINE) -> dict:
@@ -57,7 +56,7 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
             say(f"stage {i}/{len(order)} {node.name}: complete in {stage_dir}, skipped")
             tracker.stage_skipped(node.name, section, node.params, outputs)
         else:
-            _prepare(partial, resumable=node.name in RESUMABLE, made_from=made_from)
+            _prepare(partial, resumable=node.resumable, made_from=made_from)
             say(f"stage {i}/{len(order)} {node.name}: running")
             t0 = time.perf_counter()
             with tracker.stage(node.name, section, node.params) as stage:

@@ -75,8 +75,10 @@ def _start(args, ray_tmp: str, env_extra=None):
     """The CLI in a fresh process with its own embedded Ray, whose processes carry ``ray_tmp`` (a
     short path: Ray's socket paths must fit in 107 characters) in their command lines."""
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    # Default SIGINT in the child, as in a terminal (a background parent may have it ignored).
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_line(proc, needle, timeout=240):
