@@ -75,6 +75,18 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _versioned(body, key: str, expected: str, path, fix: str) -> dict:
+    """``body`` if it is a mapping whose ``key`` is ``expected``.
+
+    Raises:
+        DataError: naming the file, the version found and the fix.
+    """
+    found = body.get(key) if isinstance(body, dict) else None
+    if found != expected:
+        raise DataError(f"{path}: {key} {found!r}, expected {expected!r} (written by another bnflow version?); {fix}")
+    return body
+
+
 class NormStats(_Artifact):
     """Normalization statistics fitted on the train split: ``x_norm = (x - shift) / scale``."""
 
@@ -109,11 +121,7 @@ class NormStats(_Artifact):
             body = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot read normalization statistics ({e}); rerun the normalize stage") from None
-        if not isinstance(body, dict) or body.get("schema_version") != NORM_STATS_VERSION:
-            found = body.get("schema_version") if isinstance(body, dict) else None
-            raise DataError(f"{path}: normalization statistics schema_version {found!r}, expected {NORM_STATS_VERSION!r}; "
-                            "rerun the normalize stage")
-        return cls.model_validate(body)
+        return cls.model_validate(_versioned(body, "schema_version", NORM_STATS_VERSION, path, "rerun the normalize stage"))
 
 
 class ModelSpec(_Artifact):
@@ -171,8 +179,4 @@ class CheckpointState(_Artifact):
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{path}: not a readable bnflow checkpoint ({first}); rerun the stage that wrote it") from None
-        if not isinstance(body, dict) or body.get("version") != CHECKPOINT_VERSION:
-            found = body.get("version") if isinstance(body, dict) else None
-            raise DataError(f"{path}: checkpoint version {found!r}, expected {CHECKPOINT_VERSION!r}; "
-                            "rerun the stage that wrote it")
-        return cls.model_validate(body)
+        return cls.model_validate(_versioned(body, "version", CHECKPOINT_VERSION, path, "rerun the stage that wrote it"))

@@ -46,3 +46,4 @@ def test_no_batches_leaves_the_model_untouched():
     else:
         raise AssertionError("expected ValueError")
     assert torch.all(model[1].running_mean == 0.5)
+
