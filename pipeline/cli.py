@@ -100,12 +100,13 @@ def _run(args) -> int:
     previous = signal.getsignal(signal.SIGTERM)
     t0 = time.perf_counter()
     try:
-        cluster.connect(cfg)
-        if main_thread:  # after ray.init, which installs a SIGTERM handler of its own
-            signal.signal(signal.SIGTERM, _on_sigterm)
+        # The parent run first: resuming with another config is refused before Ray starts.
         tracker = Tracker(cfg, run_id, derived=dag.derived_params(cfg))
         parent = tracker.start()
         say(f"run {run_id}: MLflow run {parent} in {tracker.uri}")
+        cluster.connect(cfg)
+        if main_thread:  # after ray.init, which installs a SIGTERM handler of its own
+            signal.signal(signal.SIGTERM, _on_sigterm)
         produced = runner.run(cfg, run_id, tracker)
         metrics = produced["evaluation"].metrics
         tracker.finish("FINISHED", summary={k: v for k, v in metrics.items() if k.startswith("test_")})

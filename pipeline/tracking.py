@@ -88,6 +88,10 @@ class EpochLogger:
         self.credentials = {k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}
         self.pending: list[Metric] = []
         self.warned = False
+        self._client: Optional[MlflowClient] = None
+
+    def __getstate__(self):  # shipped to the rank-0 worker without a client
+        return {**self.__dict__, "_client": None}
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         import time
@@ -101,7 +105,9 @@ class EpochLogger:
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
         try:
-            client = MlflowClient(self.tracking_uri)
+            if self._client is None:  # once per worker process: a sqlite store's client is costly to build
+                self._client = MlflowClient(self.tracking_uri)
+            client = self._client
             if client.get_run(self.run_id).info.status != "RUNNING":
                 self.pending = []
                 return
