@@ -95,6 +95,7 @@ def _run(args) -> int:
     root = _writable_run_dir(cfg.storage, run_id)
     tracker = None
     check_reachable(Tracker.uri_for(cfg))
+    cluster.check_reachable()
     lease = Lease(root, run_id).acquire(wait=args.wait_for_lock)
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     previous = signal.getsignal(signal.SIGTERM)

@@ -20,7 +20,6 @@ def connect(cfg: PipelineConfig) -> None:
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            check_reachable(os.environ["RAY_ADDRESS"])
             ray.init()
         else:
             # Embedded, single machine: keep every socket (Ray, gloo) on loopback.
@@ -37,13 +36,15 @@ def connect(cfg: PipelineConfig) -> None:
     check_resources(cfg, ray.cluster_resources())
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not after Ray's minutes of retries, when RAY_ADDRESS names nothing that answers.
+def check_reachable(timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when RAY_ADDRESS names nothing that
+    answers (call before anything else starts).
 
     Raises:
         ConfigError: naming the address and the fix.
     """
-    if address in ("auto", "local"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "auto", "local"):
         return
     parts = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
     if not parts.hostname or not parts.port:
