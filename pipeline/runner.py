@@ -3,8 +3,8 @@
 A stage writes into ``<storage>/<run id>/<stage>.partial/`` and, once its outputs and manifest are
 written, that directory is renamed to ``<storage>/<run id>/<stage>/``: a stage directory without
 ``.partial`` is always complete, and nothing ever writes into it again. The manifest records the
-stage's outputs and what they were made from: the config section's hash, the seed where the stage
-takes it, the content digest of every input artifact (split digests, statistics versions,
+stage's outputs and what they were made from: the config section's hash, the runtime values it
+takes (the seed), the content digest of every input artifact (split digests, statistics versions,
 checkpoint digests) and, for ingest, a fingerprint of the source files.
 
 On a resumed run, a complete stage whose recorded inputs equal today's is skipped. One whose
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.dag import PIPELINE, Node, validate
+from pipeline.dag import PIPELINE, RUNTIME_VALUES, Node, validate
 from pipeline.tracking import Tracker
 from schemas.config import PipelineConfig, config_hash
 from schemas.errors import ConfigError
@@ -49,7 +49,7 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
     produced: dict = {"seed": cfg.seed}
     for i, node in enumerate(order, 1):
         section = getattr(cfg, node.config)
-        made_from = _made_from(node, section, produced, cfg.seed)
+        made_from = _made_from(node, section, produced)
         stage_dir, partial = root / node.name, root / f"{node.name}{PARTIAL}"
         outputs = _load_manifest(stage_dir, node, made_from, run_id)
         if outputs is not None:
@@ -73,10 +73,11 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
     return produced
 
 
-def _made_from(node: Node, section, produced: dict, seed: int) -> dict:
+def _made_from(node: Node, section, produced: dict) -> dict:
     """What a stage's result depends on: its config, its seed, its inputs' contents, its source."""
-    inputs = {p: artifact_digest(produced[a]) for p, a in node.inputs.items() if a != "seed"}
-    made = {"config": config_hash(section), "seed": seed if "seed" in node.inputs.values() else None, "inputs": inputs}
+    inputs = {p: artifact_digest(produced[a]) for p, a in node.inputs.items() if a not in RUNTIME_VALUES}
+    runtime = {p: produced[a] for p, a in node.inputs.items() if a in RUNTIME_VALUES}
+    made = {"config": config_hash(section), "runtime": runtime, "inputs": inputs}
     if node.source is not None:
         made["source"] = node.source(section)
     return made
@@ -154,7 +155,7 @@ def _load_manifest(stage_dir: Path, node: Node, made_from: dict, run_id: str) ->
         return None
     recorded = body.get("made_from", {})
     if recorded != made_from:
-        what = [k for k in ("source", "config", "seed") if recorded.get(k) != made_from.get(k)]
+        what = [k for k in ("source", "config", "runtime") if recorded.get(k) != made_from.get(k)]
         what += [f"input '{p}'" for p in made_from["inputs"] if recorded.get("inputs", {}).get(p) != made_from["inputs"][p]]
         raise ConfigError(
             f"--run-id {run_id}: stage '{node.name}' was completed from other inputs ({', '.join(what) or 'layout'} changed); "

@@ -1,0 +1,111 @@
+"""The runner's bookkeeping on a toy DAG: outputs published by rename, manifests that name what a
+stage was made from, skip when equal, refusal when the inputs changed, debris never mistaken for output.
+(The tracker is a recorder: MLflow itself is exercised by the integration tests.)"""
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import runner
+from pipeline.dag import Node
+from schemas import artifacts as A
+from schemas.config import PipelineConfig
+from schemas.errors import ConfigError
+
+CALLS = []
+
+
+def _source(cfg):
+    return Path(cfg.path).read_text()
+
+
+def _make(cfg, out_dir, seed):
+    CALLS.append("make")
+    f = out_dir / "made.txt"
+    f.write_text(f"{Path(cfg.path).read_text()} {seed}")
+    return A.NormStatsFile(path=str(f), version="v1")
+
+
+def _use(cfg, out_dir, stats):
+    CALLS.append("use")
+    if (out_dir / "boom").exists() or getattr(_use, "fail", False):
+        raise RuntimeError("stage failed")
+    (out_dir / "used.txt").write_text(Path(stats.path).read_text())
+    return A.NormStatsFile(path=str(out_dir / "used.txt"), version="v2")
+
+
+NODES = (Node("make", _make, "data", {"seed": "seed"}, {"stats": A.NormStatsFile}, source=_source),
+         Node("use", _use, "normalize", {"stats": "stats"}, {"used": A.NormStatsFile}))
+
+
+class _Tracker:
+    def stage_skipped(self, *a):
+        CALLS.append("skipped")
+
+    @contextlib.contextmanager
+    def stage(self, *a):
+        yield self
+
+    def epoch_logger(self):
+        return None
+
+    def log_outputs(self, outputs):
+        pass
+
+
+def _cfg(tmp_path):
+    src = tmp_path / "src.txt"
+    if not src.exists():
+        src.write_text("data-1")
+    return PipelineConfig.model_validate({"storage": str(tmp_path / "runs"), "data": {"source": "parquet", "path": str(src)},
+                                          "train": {"model": {"kind": "mlp"}}})
+
+
+def test_publish_skip_and_refuse_changed_source(tmp_path):
+    CALLS.clear()
+    cfg = _cfg(tmp_path)
+    out = runner.run(cfg, "r1", _Tracker(), NODES)
+    root = tmp_path / "runs" / "r1"
+    assert sorted(p.name for p in root.iterdir()) == ["make", "use"]  # no .partial left
+    assert out["used"].path == str(root / "use" / "used.txt")  # paths point to the published directory
+    assert Path(out["used"].path).read_text() == "data-1 0"
+    manifest = json.loads((root / "make" / "manifest.json").read_text())
+    assert manifest["made_from"]["runtime"] == {"seed": 0} and manifest["made_from"]["source"]
+
+    CALLS.clear()
+    runner.run(cfg, "r1", _Tracker(), NODES)
+    assert CALLS == ["skipped", "skipped"]
+
+    (tmp_path / "src.txt").write_text("data-2, changed since the run started")
+    with pytest.raises(ConfigError, match=r"--run-id r1: stage 'make' was completed from other inputs \(source changed\)"):
+        runner.run(cfg, "r1", _Tracker(), NODES)
+
+
+def test_failed_stage_leaves_only_partial_debris_which_the_next_attempt_removes(tmp_path):
+    CALLS.clear()
+    cfg = _cfg(tmp_path)
+    _use.fail = True
+    try:
+        with pytest.raises(RuntimeError, match="stage failed"):
+            runner.run(cfg, "r2", _Tracker(), NODES)
+    finally:
+        _use.fail = False
+    root = tmp_path / "runs" / "r2"
+    assert (root / "make" / "manifest.json").exists()
+    assert not (root / "use").exists() and (root / "use.partial").exists()  # never mistaken for output
+    (root / "use.partial" / "stray.txt").write_text("debris")
+    runner.run(cfg, "r2", _Tracker(), NODES)
+    assert not (root / "use.partial").exists() and not (root / "use" / "stray.txt").exists()
+    assert CALLS == ["make", "use", "skipped", "use"]
+
+
+def test_wrong_output_count_is_a_bug_not_a_silent_drop(tmp_path):
+    def two(cfg, out_dir, seed):
+        return A.NormStatsFile(path="a", version="1"), A.NormStatsFile(path="b", version="2")
+
+    nodes = (Node("make", two, "data", {"seed": "seed"}, {"stats": A.NormStatsFile}),)
+    with pytest.raises(RuntimeError, match=r"stage 'make' returned 2 value\(s\), declared 1"):
+        runner.run(_cfg(tmp_path), "r3", _Tracker(), nodes)
+    assert not (tmp_path / "runs" / "r3" / "make").exists()
