@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import secrets
@@ -90,6 +91,8 @@ def _run(args) -> int:
     from tasks.console import say
     from tasks.ingest import check_source
 
+    # MLflow announces store creation and migrations at INFO on stderr, around our one-line errors.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     cfg = _credentials_out_of_config(cfg)
     check_source(cfg.data)  # bad source files answer in a second, before Ray or MLflow start
     root = _writable_run_dir(cfg.storage, run_id)
