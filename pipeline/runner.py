@@ -12,6 +12,11 @@ inputs differ (the source data or an upstream artifact changed) is refused: a ru
 set of inputs. A ``.partial`` directory is debris of an interrupted attempt and is removed, except
 for stages declared resumable (train), which continue from their own checkpoints in it.
 
+Stages named in ``cfg.reuse`` (ingest and normalize by default) are also shared between runs of
+one storage: a stage whose inputs equal those of a complete stage of another run is hard-linked
+from it instead of recomputed; a changed field reruns that stage and, through the digests, the
+ones downstream.
+
 The caller holds the run's lease (``pipeline.lease``): one process at a time works in a run directory.
 """
 
@@ -36,6 +41,7 @@ from tasks.console import say
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = "2"
 PARTIAL = ".partial"
+CACHE_DIR = ".stage-cache"  # under storage: made_from -> the stage directory that holds those outputs
 
 
 def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, ...] = PIPELINE) -> dict:
@@ -52,8 +58,12 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
         made_from = _made_from(node, section, produced)
         stage_dir, partial = root / node.name, root / f"{node.name}{PARTIAL}"
         outputs = _load_manifest(stage_dir, node, made_from, run_id)
+        reused = None
+        if outputs is None and node.name in cfg.reuse:
+            reused, outputs = _reuse(root.parent, node, made_from, partial, stage_dir)
         if outputs is not None:
-            say(f"stage {i}/{len(order)} {node.name}: complete in {stage_dir}, skipped")
+            where = f"reused from {reused}" if reused else f"complete in {stage_dir}, skipped"
+            say(f"stage {i}/{len(order)} {node.name}: {where}")
             tracker.stage_skipped(node.name, section, node.params, outputs)
         else:
             _prepare(partial, resumable=node.resumable, made_from=made_from)
@@ -67,10 +77,55 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
                 outputs = _check_outputs(node, result, partial, stage_dir)
                 _write_manifest(partial, node, made_from, outputs)
                 _publish(partial, stage_dir)
+                _remember(root.parent, node, made_from, stage_dir)
                 stage.log_outputs(outputs)
             say(f"stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s")
         produced.update(outputs)
     return produced
+
+
+def _cache_entry(storage: Path, node: Node, made_from: dict) -> Path:
+    key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:24]
+    return storage / CACHE_DIR / f"{node.name}-{key}.json"
+
+
+def _remember(storage: Path, node: Node, made_from: dict, stage_dir: Path) -> None:
+    """Index a complete stage by what it was made from, for ``_reuse`` by later runs."""
+    entry = _cache_entry(storage, node, made_from)
+    entry.parent.mkdir(exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"stage_dir": str(stage_dir)}))
+    os.replace(tmp, entry)
+
+
+def _reuse(storage: Path, node: Node, made_from: dict, partial: Path, stage_dir: Path):
+    """An earlier run's complete outputs for identical inputs, hard-linked into this run and
+    published; (where from, outputs), or (None, None) when there is nothing valid to reuse."""
+    entry = _cache_entry(storage, node, made_from)
+    if not entry.exists():
+        return None, None
+    source = Path(json.loads(entry.read_text())["stage_dir"])
+    manifest = source / MANIFEST
+    if not manifest.exists() or json.loads(manifest.read_text()).get("made_from") != made_from:
+        return None, None  # that run was deleted or its stage replaced: recompute
+    if partial.exists():
+        _remove(partial)
+    shutil.copytree(source, partial, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MANIFEST))
+    body = json.loads(manifest.read_text())
+    outputs = {k: node.outputs[k].model_validate(_retarget(v, str(source), str(stage_dir)))
+               for k, v in body["outputs"].items()}
+    _write_manifest(partial, node, made_from, outputs)
+    _publish(partial, stage_dir)
+    return source.parent.name, outputs
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Published files are never written again, so a hard link is a safe copy; a plain copy where
+    the filesystem has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _made_from(node: Node, section, produced: dict) -> dict:
@@ -84,8 +139,16 @@ def _made_from(node: Node, section, produced: dict) -> dict:
 
 
 def artifact_digest(art: BaseModel) -> str:
-    """An artifact's identity: its fields carry content digests (splits, statistics, checkpoints)."""
-    return hashlib.sha256(art.model_dump_json().encode()).hexdigest()[:16]
+    """An artifact's identity, independent of where it lies: its fields without the paths, which
+    leaves content digests (split digests, statistics versions, checkpoint digests, histories)."""
+    def content(value):
+        if isinstance(value, dict):
+            return {k: content(v) for k, v in value.items() if k not in ("path", "files")}
+        if isinstance(value, list):
+            return [content(v) for v in value]
+        return value
+
+    return hashlib.sha256(json.dumps(content(art.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _prepare(partial: Path, resumable: bool, made_from: dict) -> None:

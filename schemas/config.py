@@ -183,6 +183,9 @@ class PipelineConfig(_Strict):
     name: str = Field("run", min_length=1, description="Recipe name, used in run names.")
     seed: int = Field(0, description="Seed for the splits, initialization and shuffling.")
     storage: str = Field("runs", description="Directory (shared by all nodes) where stages write their outputs.")
+    reuse: tuple[Literal["ingest", "normalize"], ...] = Field(
+        ("ingest", "normalize"),
+        description="Stages whose complete outputs from an earlier run in the same storage are reused (hard-linked) when their config, seed, source and input digests are identical; [] to always recompute.")
     data: DataConfig = Field(default_factory=DataConfig, description="Ingest stage.")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig, description="Normalize stage.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Train stage.")

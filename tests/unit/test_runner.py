@@ -109,3 +109,57 @@ def test_wrong_output_count_is_a_bug_not_a_silent_drop(tmp_path):
     with pytest.raises(RuntimeError, match=r"stage 'make' returned 2 value\(s\), declared 1"):
         runner.run(_cfg(tmp_path), "r3", _Tracker(), nodes)
     assert not (tmp_path / "runs" / "r3" / "make").exists()
+
+
+def _ingest(cfg, out_dir, seed):
+    CALLS.append("ingest")
+    text = f"{Path(cfg.path).read_text()} {seed}"
+    (out_dir / "raw.txt").write_text(text)
+    return A.NormStatsFile(path=str(out_dir / "raw.txt"), version=text)  # the version is the content
+
+
+def _normalize(cfg, out_dir, raw):
+    CALLS.append("normalize")
+    text = f"{Path(raw.path).read_text()} {cfg.method}"
+    (out_dir / "norm.txt").write_text(text)
+    return A.NormStatsFile(path=str(out_dir / "norm.txt"), version=text)
+
+
+def _train(cfg, out_dir, norm):
+    CALLS.append("train")
+    (out_dir / "model.txt").write_text(Path(norm.path).read_text())
+    return A.NormStatsFile(path=str(out_dir / "model.txt"), version="m")
+
+
+CHAIN = (Node("ingest", _ingest, "data", {"seed": "seed"}, {"raw": A.NormStatsFile}, source=_source),
+         Node("normalize", _normalize, "normalize", {"raw": "raw"}, {"norm": A.NormStatsFile}),
+         Node("train", _train, "train", {"norm": "norm"}, {"model": A.NormStatsFile}))
+
+
+def test_stage_cache_reuses_identical_stages_across_runs_and_reruns_only_downstream_of_a_change(tmp_path):
+    base = _cfg(tmp_path)
+    CALLS.clear()
+    runner.run(base, "day1", _Tracker(), CHAIN)
+    assert CALLS == ["ingest", "normalize", "train"]
+
+    CALLS.clear()  # a new run id, same inputs: ingest and normalize come from day1, train runs
+    out = runner.run(base, "day2", _Tracker(), CHAIN)
+    assert CALLS == ["skipped", "skipped", "train"]
+    day2 = tmp_path / "runs" / "day2"
+    assert out["norm"].path == str(day2 / "normalize" / "norm.txt")  # this run's own copy
+    assert (day2 / "normalize" / "norm.txt").read_text() == "data-1 0 standard"
+    assert json.loads((day2 / "normalize" / "manifest.json").read_text())["outputs"]["norm"]["path"] == out["norm"].path
+
+    CALLS.clear()  # a changed normalize field: ingest reused, normalize and everything after rerun
+    minmax = base.model_copy(update={"normalize": base.normalize.model_copy(update={"method": "minmax"})})
+    runner.run(minmax, "day3", _Tracker(), CHAIN)
+    assert CALLS == ["skipped", "normalize", "train"]
+
+    CALLS.clear()  # reuse switched off: everything recomputed
+    runner.run(base.model_copy(update={"reuse": ()}), "day4", _Tracker(), CHAIN)
+    assert CALLS == ["ingest", "normalize", "train"]
+
+    CALLS.clear()  # the source changed: nothing stale is reused
+    (tmp_path / "src.txt").write_text("data-2")
+    runner.run(base, "day5", _Tracker(), CHAIN)
+    assert CALLS == ["ingest", "normalize", "train"]
