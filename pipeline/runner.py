@@ -77,7 +77,8 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
                 outputs = _check_outputs(node, result, partial, stage_dir)
                 _write_manifest(partial, node, made_from, outputs)
                 _publish(partial, stage_dir)
-                _remember(root.parent, node, made_from, stage_dir)
+                if node.name in cfg.reuse:
+                    _remember(root.parent, node, made_from, stage_dir)
                 stage.log_outputs(outputs)
             say(f"stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s")
         produced.update(outputs)

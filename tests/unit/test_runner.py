@@ -141,6 +141,8 @@ def test_stage_cache_reuses_identical_stages_across_runs_and_reruns_only_downstr
     CALLS.clear()
     runner.run(base, "day1", _Tracker(), CHAIN)
     assert CALLS == ["ingest", "normalize", "train"]
+    indexed = sorted(p.name.split("-")[0] for p in (tmp_path / "runs" / ".stage-cache").iterdir())
+    assert indexed == ["ingest", "normalize"]  # only the stages named in cfg.reuse
 
     CALLS.clear()  # a new run id, same inputs: ingest and normalize come from day1, train runs
     out = runner.run(base, "day2", _Tracker(), CHAIN)
