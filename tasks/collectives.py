@@ -21,8 +21,9 @@ Note that:
     gloo path is used.
   * "Same host" is proven, not assumed from hostnames: rank 0 creates the segment and writes a
     random nonce into it; the segment is used only if every rank opens it by name and reads that
-    nonce. Every rank decides from the same gathered answers, and the decision is checked equal on
-    all ranks; it is made once per process group.
+    nonce, and sees every peer's process (one pid namespace, which the liveness check relies on).
+    Every rank decides from the same gathered answers, and the decision is checked equal on all
+    ranks; it is made once per process group.
   * A waiting rank checks its peers' processes about once a second and raises within seconds when
     one has died; ``timeout_s`` bounds the wait for a live but stuck peer.
   * The segment is a ``multiprocessing.shared_memory`` block: if rank 0 dies between creating and
@@ -59,23 +60,23 @@ class HostReducer:
     """Sum-all-reduce of float64 vectors among the ranks of ``group``, all on this host.
 
     Built by ``HostReducer.connect`` (collective), which returns None when the ranks cannot share
-    memory. Segment layout, int64 words then float64 slots: nonce | pid[world] | seq[2][world] |
-    count[2][world] | slots[2][world][max_elems].
+    memory. Segment layout, int64 words then float64 slots: nonce | seq[2][world] | count[2][world] |
+    slots[2][world][max_elems].
     """
 
     def __init__(self, shm, rank: int, world: int, max_elems: int, timeout_s: float):
         self._shm = shm  # keeps the mapping alive
         self.rank, self.world, self.max_elems, self.timeout_s = rank, world, max_elems, timeout_s
-        words = np.ndarray((1 + 5 * world,), dtype=np.int64, buffer=shm.buf)
-        self.pids = words[1 : 1 + world]
-        self.seq = words[1 + world : 1 + 3 * world].reshape(2, world)
-        self.count = words[1 + 3 * world : 1 + 5 * world].reshape(2, world)
+        words = np.ndarray((1 + 4 * world,), dtype=np.int64, buffer=shm.buf)
+        self.pids: list[int] = []  # set by connect
+        self.seq = words[1 : 1 + 2 * world].reshape(2, world)
+        self.count = words[1 + 2 * world : 1 + 4 * world].reshape(2, world)
         self.slots = np.ndarray((2, world, max_elems), dtype=np.float64, buffer=shm.buf, offset=words.nbytes)
         self.round = 0
 
     @staticmethod
     def size(world: int, max_elems: int) -> int:
-        return 8 * (1 + 5 * world) + 8 * 2 * world * max_elems
+        return 8 * (1 + 4 * world) + 8 * 2 * world * max_elems
 
     @classmethod
     def connect(cls, group, max_elems: int = MAX_ELEMS, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -98,16 +99,19 @@ class HostReducer:
         if rank != 0 and usable and name is not None:
             shm = _attach(name, nonce)
         answers = [None] * world
-        dist.all_gather_object(answers, shm is not None, group=group)
+        dist.all_gather_object(answers, (shm is not None, os.getpid()), group=group)
+        pids = [pid for _, pid in answers]
+        # Liveness checks read peers' pids: they must name live processes here (one pid namespace).
+        verdicts = [None] * world
+        dist.all_gather_object(verdicts, all(mapped for mapped, _ in answers) and all(map(_alive, pids)), group=group)
         if rank == 0 and shm is not None:
             shm.unlink()  # every rank that could map it has: nothing stays in /dev/shm
-        if not all(answers):
+        if not all(verdicts):
             if shm is not None:
                 shm.close()
             return None
         reducer = cls(shm, rank, world, max_elems, timeout_s)
-        reducer.pids[rank] = os.getpid()
-        dist.barrier(group=group)  # every pid is written before anyone may wait on a peer
+        reducer.pids = pids
         return reducer
 
     def sum_(self, tensor: torch.Tensor) -> None:
@@ -129,7 +133,7 @@ class HostReducer:
             if now - checked > LIVENESS_EVERY_S:
                 checked = now
                 missing = [int(r) for r in np.flatnonzero(seq < target)]
-                dead = [r for r in missing if not _alive(int(self.pids[r]))]
+                dead = [r for r in missing if not _alive(self.pids[r])]
                 if dead:
                     raise PeerFailure(f"SyncBatchNorm: rank(s) {dead} died before collective {target}")
                 if now - start > self.timeout_s:
