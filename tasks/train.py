@@ -58,6 +58,8 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from tasks.rendezvous import ScopedTorchConfig
+
     train_rows = data.split("train").rows
     if train_rows < cfg.workers * cfg.batch_size:
         raise DataError(
@@ -82,6 +84,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
+        torch_config=ScopedTorchConfig(),  # the DDP rendezvous listens on the node's Ray address only
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         # A fixed name under out_dir: a second call with the same out_dir restores the latest

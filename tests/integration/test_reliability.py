@@ -5,6 +5,7 @@ bitwise with an uninterrupted run of the same config."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -103,13 +104,37 @@ def _leftovers(marker: str) -> list[str]:
     return out
 
 
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+
+def _listening(root: int) -> list[tuple[str, str, int]]:
+    """(process, address, port) of every listening TCP socket of ``root`` and its descendants."""
+    out = []
+    procs = [psutil.Process(root)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            title = " ".join(p.cmdline())[:60]
+            out += [(title, c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:  # a process that ended between the listing and the look
+            pass
+    return out
+
+
 def test_killed_driver_resumes_from_its_last_epoch(reference, mlflow_server, tmp_path, capsys):
+    """Also where the sockets are checked: during training, every socket the embedded run listens on
+    (Ray's, gloo's and the DDP rendezvous store, which torch would bind to all interfaces) is on
+    loopback."""
     storage = tmp_path / "s"
     args = _args("rel-kill", storage, mlflow_server)
     shm_before = set(os.listdir("/dev/shm"))
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     proc = _start(args, ray_tmp)
     _wait_for_line(proc, "train epoch 1/")
+    listening = _listening(proc.pid)
     proc.kill()  # SIGKILL: no cleanup of any kind
     proc.wait()
     deadline = time.time() + 60
@@ -117,6 +142,8 @@ def test_killed_driver_resumes_from_its_last_epoch(reference, mlflow_server, tmp
         time.sleep(1)
     assert _leftovers(ray_tmp) == []  # no Ray process of the killed driver survives
     assert not (storage / "rel-kill" / "train").exists()  # only the .partial work directory
+    assert [s for s in listening if "RayTrainWorker" in s[0]], listening  # the workers were looked at
+    assert [s for s in listening if not _loopback(s[1])] == []
 
     assert main(args) == 0
     out = capsys.readouterr().out
