@@ -7,6 +7,7 @@ with code 2; Ctrl-C exits 130 and SIGTERM 143, with the open MLflow runs marked 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config field, e.g. --set train.epochs=3 (repeatable)")
     run = sub.choices["run"]
     run.add_argument("--run-id", default=None, help="resume this run id (completed stages are skipped, training continues from its last epoch)")
+    run.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logs and the workers' output")
     run.add_argument("--wait-for-lock", action="store_true", help="if another process works on this run id, wait for it instead of exiting")
     sub.choices["show-config"].add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
     return parser
@@ -91,8 +93,7 @@ def _run(args) -> int:
     from tasks.console import say
     from tasks.ingest import check_source
 
-    # MLflow announces store creation and migrations at INFO on stderr, around our one-line errors.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    _quiet_libraries(args.verbose)
     cfg = _credentials_out_of_config(cfg)
     check_source(cfg.data)  # bad source files answer in a second, before Ray or MLflow start
     root = _writable_run_dir(cfg.storage, run_id)
@@ -108,7 +109,7 @@ def _run(args) -> int:
         tracker = Tracker(cfg, run_id, derived=dag.derived_params(cfg))
         parent = tracker.start()
         say(f"run {run_id}: MLflow run {parent} in {tracker.uri}")
-        cluster.connect(cfg)
+        cluster.connect(cfg, verbose=args.verbose)
         if main_thread:  # after ray.init, which installs a SIGTERM handler of its own
             signal.signal(signal.SIGTERM, _on_sigterm)
         produced = runner.run(cfg, run_id, tracker)
@@ -133,8 +134,36 @@ def _run(args) -> int:
         f"  test accuracy before BN recalibration: {before:.4f}\n"
         f"  test accuracy after  BN recalibration: {after:.4f}\n"
         f"  MLflow run: {parent}  (run id {run_id}; resume with --run-id {run_id})\n"
-        f"  open the UI: {ui_command(tracker.uri, tracker.experiment_id, parent)}", flush=True)
+        f"  {'see it at' if tracker.uri.startswith('http') else 'see it with'}: {ui_command(tracker.uri, tracker.experiment_id, parent)}",
+        flush=True)
     return 0
+
+
+# Library warnings that say nothing about a bnflow run, by the logger that emits them (a filter on a
+# logger sees only its own records). ``--verbose`` shows them.
+KNOWN_HARMLESS = {
+    # bnflow logs its own model and loads it with its own code: the pickle advice does not apply.
+    "mlflow.pytorch": "Saving pytorch model by Pickle or CloudPickle",
+    # Good news, not a warning: a fresh local Ray turned token auth on.
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+    # bnflow turns Ray Data's bars off on purpose (its own bar and lines show progress).
+    "ray.data._internal.progress": "Progress bars disabled",
+}
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Ray's and MLflow's INFO chatter (store creation, migrations, a "View run" line per run end,
+    Ray Data's execution plans) and known-harmless warnings off the console, unless ``verbose``.
+    Warnings and errors otherwise always show. (Ray's own console is set in ``cluster.connect``.)"""
+    if verbose:
+        return
+    importlib.import_module("ray.data")  # configures the "ray.data" logger at import: set its level after
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # bnflow prints the one link that matters
+    for name in ("mlflow", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, message in KNOWN_HARMLESS.items():
+        logging.getLogger(name).addFilter(lambda record, m=message: m not in record.getMessage())
 
 
 def _stop_quietly(tracker) -> None:

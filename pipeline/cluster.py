@@ -10,17 +10,23 @@ from schemas.config import PipelineConfig
 from schemas.errors import ConfigError
 
 
-def connect(cfg: PipelineConfig) -> None:
+def connect(cfg: PipelineConfig, verbose: bool = False) -> None:
     """Attach to the cluster this job runs on, or start a local Ray on loopback; check resources.
+
+    Quiet unless ``verbose``: Ray's INFO logs, Ray Data's progress lines and the workers' output
+    stay in Ray's log files (``ray logs``, the dashboard) instead of the console. What a user must
+    see from a worker reaches the driver another way (training progress through the train stage's
+    progress file, errors as exceptions).
 
     Raises:
         ConfigError: the config asks for more training CPUs or GPUs than the cluster has.
     """
     import ray
 
+    quiet = {"log_to_driver": verbose, "logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")}
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(**quiet)
         else:
             # Embedded, single machine: keep every socket (Ray, gloo) on loopback.
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -28,11 +34,13 @@ def connect(cfg: PipelineConfig) -> None:
             # The dashboard serves Ray's State API, which Ray Train's placement-group monitor polls
             # (without it, it warns every few seconds); it is also where users watch the workers.
             ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                           log_to_driver=True)
+                           **quiet)
             if ctx.dashboard_url:
                 print(f"[bnflow] embedded Ray; dashboard at http://{ctx.dashboard_url}", flush=True)
     # Deterministic block order, so written splits (and their digests) repeat run to run.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = verbose
     check_resources(cfg, ray.cluster_resources())
 
 

@@ -36,7 +36,7 @@ from pipeline.dag import PIPELINE, RUNTIME_VALUES, Node, validate
 from pipeline.tracking import Tracker
 from schemas.config import PipelineConfig, config_hash
 from schemas.errors import ConfigError
-from tasks.console import say
+from tasks.console import interactive, say
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = "2"
@@ -67,7 +67,8 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
             tracker.stage_skipped(node.name, section, node.params, outputs)
         else:
             _prepare(partial, resumable=node.resumable, made_from=made_from)
-            say(f"stage {i}/{len(order)} {node.name}: running")
+            if not interactive():  # in a log, the start of a long stage; on a terminal its bar says so
+                say(f"stage {i}/{len(order)} {node.name}: running")
             t0 = time.perf_counter()
             with tracker.stage(node.name, section, node.params) as stage:
                 sinks = {"epoch_logger": stage.epoch_logger}

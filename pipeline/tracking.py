@@ -26,6 +26,11 @@ TAG_RUN_ID = "bnflow.run_id"
 TAG_STAGE = "bnflow.stage"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# MLflow 3 opens an experiment without this tag in its GenAI view; bnflow's runs are model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Set by ``pipeline submit`` for the job it submits: the job runs from an unpacked copy of the code
+# (no .git) as the cluster's user, so the submitting side says who and which commit.
+SUBMITTER_ENV = {"user": "BNFLOW_SUBMITTED_BY", "commit": "BNFLOW_GIT_COMMIT"}
 
 
 def default_tracking_uri(cfg_uri: Optional[str]) -> str:
@@ -66,9 +71,34 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def ui_command(uri: str, experiment_id: str = "", run_id: str = "") -> str:
+    """Where a person looks at the run: its page for a tracking server, the command that serves a
+    local store."""
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source, user and git-commit tags, as MLflow's fluent API would set them."""
+    import getpass
+    import subprocess
+
+    from mlflow.entities import SourceType
+    from mlflow.utils import mlflow_tags as T
+
+    tags = {T.MLFLOW_SOURCE_NAME: "python -m pipeline run",
+            T.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB if os.environ.get("RAY_JOB_ID") else SourceType.LOCAL),
+            T.MLFLOW_USER: os.environ.get(SUBMITTER_ENV["user"]) or getpass.getuser()}
+    commit = os.environ.get(SUBMITTER_ENV["commit"])
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):  # no git, or not a checkout: no commit tag
+            commit = ""
+    if commit:
+        tags[T.MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 class EpochLogger:
@@ -93,10 +123,9 @@ class EpochLogger:
     def __getstate__(self):  # shipped to the rank-0 worker without a client
         return {**self.__dict__, "_client": None}
 
-    def __call__(self, epoch: int, metrics: dict) -> None:
+    def __call__(self, epoch: int, metrics: dict) -> Optional[str]:
+        """Log one epoch; returns a line for the console the first time the server is unreachable."""
         import time
-
-        from tasks.console import say
 
         os.environ.update(self.credentials)
         # Short tries: a down server must cost the training loop seconds, not MLflow's minutes of retries.
@@ -110,7 +139,7 @@ class EpochLogger:
             client = self._client
             if client.get_run(self.run_id).info.status != "RUNNING":
                 self.pending = []
-                return
+                return None
             # Idempotent: an epoch a killed attempt already logged (its workers can outlive the
             # driver by a moment, after the last checkpoint the resumed run starts from) is not
             # logged twice. An epoch's metrics go in one batch, so one key tells.
@@ -121,8 +150,9 @@ class EpochLogger:
             self.pending = []
         except Exception as e:  # an outage: keep the metrics for the next try
             if not self.warned:
-                say(f"tracking server unreachable ({type(e).__name__}); metrics are buffered and training goes on")
                 self.warned = True
+                return f"tracking server unreachable ({type(e).__name__}); metrics are buffered and training goes on"
+        return None
 
 
 class Tracker:
@@ -144,9 +174,14 @@ class Tracker:
             location = None
             if self.uri.startswith("sqlite:"):  # keep artifacts beside the local store, absolute
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                                               tags=EXPERIMENT_KIND)
         else:
             self.experiment_id = exp.experiment_id
+            if not set(EXPERIMENT_KIND) & set(exp.tags):  # made elsewhere: say what it holds, unless someone did
+                for k, v in EXPERIMENT_KIND.items():
+                    self.client.set_experiment_tag(self.experiment_id, k, v)
+        self.tags = source_tags()
         self.parent_id: Optional[str] = None
         self.open_child: Optional[str] = None
 
@@ -164,7 +199,7 @@ class Tracker:
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.run_id,
-                                         tags={TAG_RUN_ID: self.run_id, TAG_STAGE: "pipeline"})
+                                         tags={**self.tags, TAG_RUN_ID: self.run_id, TAG_STAGE: "pipeline"})
             self.parent_id = run.info.run_id
             self._log_params(self.parent_id, self._params())
             self.client.log_text(self.parent_id, self.cfg.model_dump_json(indent=1), "config.json")
@@ -212,7 +247,7 @@ class Tracker:
             return found.info.run_id
         run = self.client.create_run(
             self.experiment_id, run_name=stage,
-            tags={TAG_RUN_ID: self.run_id, TAG_STAGE: stage, "mlflow.parentRunId": self.parent_id})
+            tags={**self.tags, TAG_RUN_ID: self.run_id, TAG_STAGE: stage, "mlflow.parentRunId": self.parent_id})
         return run.info.run_id
 
     def stage_skipped(self, stage: str, section, derived=None, outputs: Optional[dict] = None) -> None:
@@ -284,14 +319,17 @@ class _StageRun:
             self.client.log_batch(self.run_id, metrics=missing[i : i + 500])
 
     def _log_dataset(self, name: str, ds: A.Dataset) -> None:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import InputTag
 
+        # MLflow registers the local-file source twice (schemes "" and "file") and warns that a path
+        # is ambiguous unless told which one to use.
+        local = [s for s in get_registered_sources() if s._get_source_type() == "local"][:1] or None
         inputs = []
         for split, info in ds.splits.items():
             # MLflow's own dataset digest hashes only the first 10,000 rows: carry ours, over all bytes.
-            meta = MetaDataset(resolve_dataset_source(Path(info.path).as_uri()), name=f"{name}/{split}", digest=info.digest[:32])
+            meta = MetaDataset(resolve_dataset_source(Path(info.path).as_uri(), candidate_sources=local), name=f"{name}/{split}", digest=info.digest[:32])
             entity = meta._to_mlflow_entity()
             inputs.append(mlflow.entities.DatasetInput(entity, tags=[InputTag("mlflow.data.context", split),
                                                                      InputTag("bnflow.rows", str(info.rows)),

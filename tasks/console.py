@@ -1,15 +1,80 @@
-"""The one output path for progress lines, on the driver and in Ray workers alike.
+"""The one output path for progress lines and bars, on the driver and in Ray workers alike.
 
-Plain stdout writes, not ``print`` (Ray Train patches ``print`` in its workers and every line would
-reach the driver twice) and not ``logging`` (unconfigured in Ray workers, so INFO lines vanish).
+Lines are plain stdout writes, not ``print`` (Ray Train patches ``print`` in its workers and every
+line would reach the driver twice) and not ``logging`` (unconfigured in Ray workers, so INFO lines
+vanish). Bars are tqdm on stderr, and only on a terminal: piped into a log file (``ray job logs``,
+cron, CI) a bar would be hundreds of carriage-return frames, so there the caller's own lines (one
+per epoch, one per stage) are all that is written.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Optional
+
+_bar = None  # the live bar, if any: lines are written above it instead of through it
+
+
+def interactive() -> bool:
+    """Whether a person watches this output live (stderr is a terminal; BNFLOW_PROGRESS=0 says no)."""
+    return os.environ.get("BNFLOW_PROGRESS", "1") != "0" and sys.stderr.isatty()
 
 
 def say(message: str) -> None:
     """One progress line, flushed at once so it interleaves correctly with Ray's own output."""
-    sys.stdout.write(f"[bnflow] {message}\n")
+    line = f"[bnflow] {message}"
+    if _bar is not None:
+        _bar.write(line, file=sys.stdout)
+    else:
+        sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+class Progress:
+    """A live bar of ``total`` units on a terminal; a no-op elsewhere (see the module note).
+
+    Use as a context manager; ``update`` advances it, ``set`` moves it to an absolute position.
+    """
+
+    def __init__(self, desc: str, total: Optional[float], unit: str = "it"):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.bar = None
+
+    def __enter__(self) -> "Progress":
+        global _bar
+        if interactive():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=f"[bnflow] {self.desc}", unit=self.unit, file=sys.stderr, leave=False,
+                            dynamic_ncols=True, unit_scale=self.unit == "rows")
+            _bar = self.bar
+        return self
+
+    def update(self, n: float = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def set(self, position: float, total: Optional[float] = None, desc: Optional[str] = None, **postfix) -> None:
+        if self.bar is None:
+            return
+        if total is not None and total != self.bar.total:
+            self.bar.reset(total=total)
+        if desc is not None:
+            self.bar.set_description(f"[bnflow] {desc}", refresh=False)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(position - self.bar.n)
+
+    def tick(self) -> None:
+        """Redraw (the elapsed time moves while nothing else does)."""
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def __exit__(self, *exc) -> None:
+        global _bar
+        if self.bar is not None:
+            self.bar.close()
+            _bar = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ from schemas.artifacts import NORM_STATS_VERSION, Dataset, NormStats, NormStatsF
 from schemas.config import NormalizeConfig, config_hash
 from schemas.errors import DataError, find_user_error
 from tasks import arrow_io, moments
-from tasks.console import say
+from tasks.console import Progress, say
 
 
 
@@ -40,7 +41,12 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
              for name, split in raw.splits.items()}
 
     groups = _stat_groups(cfg, raw)
-    scans = {name: _scan(files[name], groups) for name in raw.splits}
+    with Progress("normalize", total=2 * sum(split.rows for split in raw.splits.values()), unit="rows") as bar:
+        return _normalize(cfg, raw, out_dir, files, groups, bar)
+
+
+def _normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path, files: dict, groups: int, bar: Progress):
+    scans = {name: _scan(files[name], groups, bar) for name in raw.splits}
     dropped = {}
     for name, scan in scans.items():
         if scan["rows"] - scan["nonfinite"] == 0:
@@ -66,8 +72,9 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
     for name, split in raw.splits.items():
         dest = out_dir / name
         dest.mkdir(parents=True)
-        written = sorted(w for group in _over_files(_file_groups(files[name]), _transform_files, out_dir=str(dest),
-                                                    shift=shift, inv_scale=inv_scale, schema=out_schema) for w in group)
+        results = _over_files(_file_groups(files[name]), _transform_files, bar, lambda r: sum(n for _, _, n in r),
+                              out_dir=str(dest), shift=shift, inv_scale=inv_scale, schema=out_schema)
+        written = sorted(w for group in results for w in group)
         splits[name] = SplitInfo(path=str(dest), rows=sum(n for _, _, n in written),
                                  digest=arrow_io.combine_digests([d for _, d, _ in written]))
     return raw.model_copy(update={"splits": splits}), NormStatsFile(path=str(stats_path), version=stats.version)
@@ -113,8 +120,9 @@ def _file_groups(files: list[str]) -> list[list[str]]:
     return [files[i::parts] for i in range(parts) if files[i::parts]]
 
 
-def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list:
-    """``fn(files, **kwargs)`` on each file group as a Ray task; returns the results in group order.
+def _over_files(file_groups: list[list[str]], fn, bar: Progress, rows: Callable[[object], int], **kwargs) -> list:
+    """``fn(files, **kwargs)`` on each file group as a Ray task; returns the results in group order,
+    advancing ``bar`` by ``rows(result)`` as each task ends.
 
     Raises:
         UserError: the first line of a data-contract error raised inside a task.
@@ -123,7 +131,12 @@ def _over_files(file_groups: list[list[str]], fn, **kwargs) -> list:
 
     task = ray.remote(num_cpus=1)(fn)
     try:
-        return ray.get([task.remote(group, **kwargs) for group in file_groups])
+        refs = [task.remote(group, **kwargs) for group in file_groups]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(rows(ray.get(done[0])))
+        return ray.get(refs)
     except Exception as e:  # a data-contract error raised in a task arrives wrapped by Ray
         inner = find_user_error(e)
         if inner is None:
@@ -151,9 +164,9 @@ def _transform_files(files: list[str], out_dir: str, **kwargs) -> list[tuple[str
     return written
 
 
-def _scan(files: list[str], groups: int) -> dict:
+def _scan(files: list[str], groups: int, bar: Progress) -> dict:
     """One distributed pass: merged moments, min, max and row counts of a split."""
-    parts = _over_files(_file_groups(files), _fit_files, groups=groups)
+    parts = _over_files(_file_groups(files), _fit_files, bar, lambda r: r["rows"], groups=groups)
     return {"rows": sum(p["rows"] for p in parts), "nonfinite": sum(p["nonfinite"] for p in parts),
             "moments": moments.merge_all([moments.empty(groups)] + [p["moments"] for p in parts]),
             "min": np.min([np.full(groups, np.inf)] + [p["min"] for p in parts], axis=0),

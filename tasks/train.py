@@ -23,12 +23,13 @@ from schemas.artifacts import Checkpoint, CheckpointState, Dataset, ModelSpec, N
 from schemas.config import OptimizerConfig, ScheduleConfig, TrainConfig
 from schemas.errors import DataError, TrainingDiverged
 from tasks import arrow_io
-from tasks.console import say
+from tasks.console import Progress, say
 from tasks.nn import convert_sync_batchnorm
 from tasks.nn.models import build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIVERGED_FILE = "diverged.txt"
+PROGRESS_FILE = "progress.json"  # rank 0 -> driver: where training is, for the bar and the epoch lines
 EpochCallback = Callable[[int, dict], None]
 
 
@@ -45,6 +46,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     Args:
         on_epoch: called on rank 0 only, after each epoch's checkpoint is saved, with (epoch,
             metrics); must be picklable. Epochs restored from a checkpoint are not passed again.
+            A string it returns is shown on the driver's console once (worker output is not).
 
     Returns:
         The final checkpoint and the per-epoch history.
@@ -71,6 +73,8 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     diverged = out_dir / DIVERGED_FILE
     diverged.unlink(missing_ok=True)
+    progress = out_dir / PROGRESS_FILE
+    progress.unlink(missing_ok=True)
     # Materialized in the object store before the workers start: the read tasks would otherwise
     # compete with the training workers for the same CPUs and could wait forever for one.
     datasets = {name: ray.data.read_parquet(data.split(name).path).materialize() for name in ("train", "val")}
@@ -79,7 +83,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         "spec": ModelSpec(num_features=data.num_features, num_classes=data.num_classes,
                           image_shape=data.image_shape).model_dump(mode="json"),
         "norm_stats": NormStats.load(norm_stats.path).model_dump(mode="json"), "on_epoch": on_epoch,
-        "diverged_path": str(diverged.resolve()),
+        "diverged_path": str(diverged.resolve()), "progress_path": str(progress.resolve()),
     }
     trainer = TorchTrainer(
         _train_loop,
@@ -95,7 +99,8 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = _fit(trainer)
+    with Progress("train", total=None, unit="step") as bar:
+        result = _fit(trainer, _ProgressWatch(progress, cfg.epochs, bar))
     if diverged.exists():
         raise TrainingDiverged(diverged.read_text().strip())
     with result.checkpoint.as_directory() as d:
@@ -107,10 +112,11 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
             TrainHistory(path=str(out_dir / "history.json"), epochs=state.history))
 
 
-def _fit(trainer):
-    """``trainer.fit()`` in a helper thread. On the main thread Ray Train installs its own SIGINT
-    handler, which aborts the run and exits the process with a code of its own; from a helper thread
-    Ctrl-C stays a KeyboardInterrupt in the caller, which decides what an interruption means."""
+def _fit(trainer, watch: Callable[[], None]):
+    """``trainer.fit()`` in a helper thread, calling ``watch`` twice a second meanwhile. On the main
+    thread Ray Train installs its own SIGINT handler, which aborts the run and exits the process with
+    a code of its own; from a helper thread Ctrl-C stays a KeyboardInterrupt in the caller, which
+    decides what an interruption means."""
     import threading
 
     box: dict = {}
@@ -125,6 +131,8 @@ def _fit(trainer):
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)  # short waits: signals are handled between them
+        watch()
+    watch()
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -156,8 +164,7 @@ def _train_loop(config: dict) -> None:
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.rng["torch"])
         history = state.history
-        if rank == 0:
-            say(f"train: resuming after epoch {state.epoch} from its checkpoint")
+    progress = _ProgressFile(config["progress_path"], steps=len(y_train) // cfg.batch_size, history=history) if rank == 0 else None
     ddp_model = _distribute(model, cfg.bn_mode, world)
     on_epoch = config["on_epoch"]
 
@@ -185,6 +192,8 @@ def _train_loop(config: dict) -> None:
             if cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip_norm)
             optimizer.step()
+            if progress is not None:
+                progress.write(epoch, s + 1)
             with torch.no_grad():
                 sums += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double(),
                                      torch.tensor(float(len(yb)), dtype=torch.float64)]).cpu()
@@ -205,7 +214,7 @@ def _train_loop(config: dict) -> None:
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 metrics.update(evaluate_arrays(model, x_val, y_val, device, prefix="val_"))
             history.append({"epoch": epoch, **metrics})
-            say(f"train epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            progress.write(epoch, steps, force=True)
             state = CheckpointState(
                 # SyncBatchNorm and BatchNorm share their state-dict keys: no conversion needed.
                 model={k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -218,9 +227,70 @@ def _train_loop(config: dict) -> None:
             # After the checkpoint: an epoch is logged at most once (a crash in between leaves a gap
             # that the driver fills from the history, never a repeated step).
             if on_epoch is not None:
-                on_epoch(epoch, metrics)
+                note = on_epoch(epoch, metrics)
+                if note:  # e.g. the tracking server is unreachable: the driver says it
+                    progress.notes.append(note)
+                    progress.write(epoch, steps, force=True)
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+class _ProgressFile:
+    """Rank 0's side of the progress report: a small JSON file beside the checkpoints (storage every
+    node sees), replaced atomically and at most twice a second, so it costs the loop nothing."""
+
+    def __init__(self, path: str, steps: int, history: list[dict]):
+        self.path, self.steps, self.history = Path(path), steps, history
+        self.resumed_after = len(history)
+        self.notes: list[str] = []
+        self.last = 0.0
+
+    def write(self, epoch: int, step: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"epoch": epoch, "step": step, "steps": self.steps,
+                                   "resumed_after": self.resumed_after, "history": self.history,
+                                   "notes": self.notes}))
+        tmp.replace(self.path)
+
+
+class _ProgressWatch:
+    """The driver's side: reads the progress file and moves the bar (on a terminal) or says one line
+    per finished epoch (in a log)."""
+
+    def __init__(self, path: Path, epochs: int, bar: Progress):
+        self.path, self.epochs, self.bar = path, epochs, bar
+        self.said_epoch = None  # last epoch with a line; None before the first read
+        self.said_resume = -1
+        self.said_notes: set[str] = set()
+
+    def __call__(self) -> None:
+        try:
+            p = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # not written yet, or on a filesystem that showed a partial file
+            self.bar.tick()
+            return
+        if p["resumed_after"] and p["resumed_after"] != self.said_resume:
+            self.said_resume = p["resumed_after"]
+            say(f"train: resuming after epoch {p['resumed_after']} from its checkpoint")
+        for note in p["notes"]:
+            if note not in self.said_notes:
+                self.said_notes.add(note)
+                say(note)
+        if self.said_epoch is None:
+            self.said_epoch = p["resumed_after"]
+        for h in p["history"]:
+            if h["epoch"] > self.said_epoch:
+                self.said_epoch = h["epoch"]
+                if self.bar.bar is None:  # a log, not a terminal: the epoch's line is its progress
+                    say(f"train epoch {h['epoch']}/{self.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in h.items() if k != "epoch"))
+        last = p["history"][-1] if p["history"] else {}
+        postfix = {k: f"{last[k]:.4g}" for k in ("train_loss", "val_accuracy") if k in last}
+        self.bar.set((p["epoch"] - 1) * p["steps"] + p["step"], total=self.epochs * p["steps"],
+                     desc=f"train epoch {p['epoch']}/{self.epochs}", **postfix)
 
 
 def data_order_seed(seed: int, epoch: int, rank: int) -> int:
