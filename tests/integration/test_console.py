@@ -1,0 +1,98 @@
+"""What a person sees: the console of a real run on a terminal, and how the run shows in MLflow.
+
+The CLI runs in its own process with stderr on a pseudo-terminal (so it draws bars) and stdout on a
+pipe; the tracking store is a real MLflow server."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import threading
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_on_a_terminal(args: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, what the terminal on stderr received)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt-", dir="/tmp"), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)  # the tests' own quieting must not help
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    received = bytearray()
+
+    def drain():  # a pty's buffer is small: read it while the run writes, or the run blocks
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out = proc.stdout.read()
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    os.close(master)
+    return proc.returncode, out, received.decode(errors="replace")
+
+
+def test_a_terminal_sees_one_line_per_stage_a_training_bar_and_the_run_link(mlflow_server, tmp_path):
+    run_id = "console-tty"
+    code, out, terminal = _run_on_a_terminal(
+        ["run", "--recipe", "digits", "--run-id", run_id, "--set", f"storage={tmp_path}", "--set", f"tracking.uri={mlflow_server}",
+         "--set", "tracking.experiment=console", "--set", "train.epochs=3"])
+    assert code == 0, out + terminal
+
+    # stdout: bnflow's lines only -- one per stage, no "running" lines (the bar says that), the summary.
+    lines = [line for line in out.splitlines() if line.strip()]
+    stage_lines = [line for line in lines if re.match(r"\[bnflow\] stage \d/5 ", line)]
+    assert [re.match(r"\[bnflow\] stage \d/5 (\w+): done in", line).group(1) for line in stage_lines] == \
+        ["ingest", "normalize", "train", "recalibrate", "evaluate"]
+    assert all(line.startswith(("[bnflow]", "  ")) for line in lines), lines
+    assert not [line for line in lines if "train epoch" in line]  # on a terminal the bar shows epochs
+
+    # The terminal (stderr): tqdm frames of the training bar up to its last step, and nothing else --
+    # no Ray or MLflow log lines, no warnings.
+    frames = [f for f in re.split(r"[\r\n]", terminal) if f.strip() and not set(f.strip()) <= set("\x1b[A")]
+    assert any(re.search(r"train epoch 3/3: 100%\|.*\| 60/60 .*train_loss=", f) for f in frames), frames[-5:]
+    assert any("normalize" in f and "rows" in f for f in frames)
+    noise = [f for f in frames if not re.search(r"\[bnflow\] (train|normalize)", f)]
+    assert noise == [] or all(re.fullmatch(r"(\x1b\[A|\s)*", f) for f in noise), noise[:5]
+
+    # The summary links the parent run's page on the server, and that page's run is this run.
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("console")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = '{run_id}'")
+    parent = next(r for r in runs if r.data.tags[TAG_STAGE] == "pipeline")
+    assert f"see it at: {mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" in out
+
+    # MLflow's standard tags on every run, and the experiment opens in the model-training view.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for r in runs:
+        tags = r.data.tags
+        assert tags["mlflow.source.name"] == "python -m pipeline run" and tags["mlflow.user"]
+        assert tags["mlflow.source.type"] == "LOCAL"
+        if head:  # a git checkout (CI's is): the commit the code came from
+            assert tags["mlflow.source.git.commit"] == head
+    assert len(runs) == 6
