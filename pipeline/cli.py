@@ -22,6 +22,7 @@ from pathlib import Path
 
 from schemas.errors import ConfigError, UserError, find_user_error
 
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # pipeline.submit's, without importing Ray for --help
 EXIT_USER_ERROR = 2
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -29,17 +30,55 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="bnflow: BatchNorm training pipeline on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "run (or resume) a recipe end to end"), ("show-config", "print the resolved config")):
+    for name, text in (("run", "run (or resume) a recipe end to end"), ("show-config", "print the resolved config"),
+                       ("submit", "run a recipe as a Ray job on a cluster and follow it")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--recipe", default=None, help="recipe name (one of the shipped recipes) or a YAML path (default: fashion_mnist)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field, e.g. --set train.epochs=3 (repeatable)")
     run = sub.choices["run"]
     run.add_argument("--run-id", default=None, help="resume this run id (completed stages are skipped, training continues from its last epoch)")
+    _slot_arguments(run)
     run.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logs and the workers' output")
     run.add_argument("--wait-for-lock", action="store_true", help="if another process works on this run id, wait for it instead of exiting")
+    submit = sub.choices["submit"]
+    submit.add_argument("--address", default=None, help=f"the Ray dashboard's address (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    submit.add_argument("--run-id", default=None, help="the run id (a live job of it is followed, a failed one retried and resumed)")
+    _slot_arguments(submit)
+    submit.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                        help="follow the job's output and exit with its result (default), or return once submitted")
+    submit.add_argument("--verbose", action="store_true", help="the job also shows Ray's and MLflow's own logs")
     sub.choices["show-config"].add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
     return parser
+
+
+def _slot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slot", default=None, metavar="TIME",
+                   help="the schedule slot this run fills, e.g. 2026-11-24T02:00Z: the run id is derived from it, so a "
+                        "retry of the slot resumes its run (instead of --run-id)")
+    p.add_argument("--schedule", default=None, metavar="NAME", help="the schedule's name in the slot's run id (default: the recipe's name)")
+
+
+def _run_identity(args, cfg) -> tuple[str, dict[str, str]]:
+    """The run id (given, derived from --slot, or new) and the tags that say where it came from."""
+    from pipeline import slots
+
+    if args.slot is None:
+        if args.schedule is not None:
+            raise ConfigError("--schedule names the schedule of a --slot; give --slot too, or drop --schedule")
+        run_id = args.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        tags = {}
+    else:
+        if args.run_id is not None:
+            raise ConfigError("--slot and --run-id both name the run; give one (a slot's run id is derived from it)")
+        slot = slots.parse_slot(args.slot)
+        schedule = slots.check_schedule_name(args.schedule or cfg.name)
+        run_id = slots.slot_run_id(schedule, slot)
+        tags = {"bnflow.schedule": schedule, "bnflow.slot": slots.slot_label(slot)}
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only (no path separators), "
+                          "starting with a letter or digit, at most 128 characters")
+    return run_id, tags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "show-config":
             return _show_config(args)
+        if args.command == "submit":
+            return _submit(args)
         return _run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -70,6 +111,21 @@ def _show_config(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from pipeline import recipes, submit
+    from tasks.console import say
+
+    cfg = recipes.load(args.recipe, args.overrides)
+    run_id, tags = _run_identity(args, cfg)
+    _quiet_libraries(args.verbose)
+    address = submit.dashboard_address(args.address)
+    run_args, env = submit.plan(cfg, args.recipe, args.overrides, address)
+    run_args += ["--slot", tags["bnflow.slot"], "--schedule", tags["bnflow.schedule"]] if tags else ["--run-id", run_id]
+    if args.verbose:
+        run_args.append("--verbose")
+    return submit.submit(submit.connect(address), run_args, env, run_id, args.wait, say)
+
+
 class Interrupted(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT."""
 
@@ -82,10 +138,7 @@ def _run(args) -> int:
     from pipeline import recipes
 
     cfg = recipes.load(args.recipe, args.overrides)
-    run_id = args.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    if not RUN_ID.fullmatch(run_id):
-        raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only (no path separators), "
-                          "starting with a letter or digit, at most 128 characters")
+    run_id, tags = _run_identity(args, cfg)
 
     from pipeline import cluster, dag, runner
     from pipeline.lease import Lease
@@ -106,7 +159,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     try:
         # The parent run first: resuming with another config is refused before Ray starts.
-        tracker = Tracker(cfg, run_id, derived=dag.derived_params(cfg))
+        tracker = Tracker(cfg, run_id, derived=dag.derived_params(cfg), tags=tags)
         parent = tracker.start()
         say(f"run {run_id}: MLflow run {parent} in {tracker.uri}")
         cluster.connect(cfg, verbose=args.verbose)
@@ -148,6 +201,8 @@ KNOWN_HARMLESS = {
     "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
     # bnflow turns Ray Data's bars off on purpose (its own bar and lines show progress).
     "ray.data._internal.progress": "Progress bars disabled",
+    # `pipeline submit`: Ray announcing that it leaves .git and .venv out of the job (as .rayignore asks).
+    "ray._private.runtime_env.working_dir": "is now ignored by default",
 }
 
 
@@ -160,7 +215,7 @@ def _quiet_libraries(verbose: bool) -> None:
     importlib.import_module("ray.data")  # configures the "ray.data" logger at import: set its level after
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # bnflow prints the one link that matters
-    for name in ("mlflow", "ray.data"):
+    for name in ("mlflow", "ray.data", "ray._private.runtime_env", "ray.dashboard"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for name, message in KNOWN_HARMLESS.items():
         logging.getLogger(name).addFilter(lambda record, m=message: m not in record.getMessage())

@@ -158,11 +158,13 @@ class EpochLogger:
 class Tracker:
     """Opens (or reopens) the parent run and one child per stage.
 
-    ``derived`` are params computed from the config (e.g. the resolved BN mode), logged beside it.
+    ``derived`` are params computed from the config (e.g. the resolved BN mode), logged beside it;
+    ``tags`` go on every run of it (e.g. a schedule's slot).
     The caller holds the run's lease, so at most one parent run per run id is ever created.
     """
 
-    def __init__(self, cfg: PipelineConfig, run_id: str, derived: Optional[dict[str, str]] = None):
+    def __init__(self, cfg: PipelineConfig, run_id: str, derived: Optional[dict[str, str]] = None,
+                 tags: Optional[dict[str, str]] = None):
         self.uri = self.uri_for(cfg)
         self.cfg = cfg
         self.run_id = run_id
@@ -181,7 +183,7 @@ class Tracker:
             if not set(EXPERIMENT_KIND) & set(exp.tags):  # made elsewhere: say what it holds, unless someone did
                 for k, v in EXPERIMENT_KIND.items():
                     self.client.set_experiment_tag(self.experiment_id, k, v)
-        self.tags = source_tags()
+        self.tags = {**source_tags(), **(tags or {})}
         self.parent_id: Optional[str] = None
         self.open_child: Optional[str] = None
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -74,3 +75,61 @@ def mlflow_server(tmp_path_factory):
     proc = start_mlflow_server(root, port)
     yield f"http://127.0.0.1:{port}"
     stop(proc)
+
+
+def start_ray_head(root: Path, token: str, num_cpus: int = 2) -> tuple[str, subprocess.Popen]:
+    """A real `ray start --head` with token auth, on loopback ports of its own and its own temp dir
+    (so ``ray.init()`` elsewhere never attaches to it); returns (dashboard address, process).
+    ``python`` in its jobs is this interpreter. Stop it with ``stop_ray_head``."""
+    temp = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # Ray's socket paths must stay short
+    ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
+                                            "--object-manager-port", "--dashboard-agent-listen-port",
+                                            "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp), "--num-cpus", str(num_cpus), "--disable-usage-stats",
+           *[str(x) for kv in ports.items() for x in kv]]
+    log = open(root / "ray-head.log", "a")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.temp_dir = temp
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            req = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+            urllib.request.urlopen(req, timeout=2)
+            return address, proc
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                stop_ray_head(proc)
+                raise RuntimeError(f"ray head did not start: {(root / 'ray-head.log').read_text()[-2000:]}")
+            time.sleep(1)
+
+
+def stop_ray_head(proc: subprocess.Popen) -> None:
+    """Stop the head and every process it started (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    marker = str(proc.temp_dir)
+    try:
+        os.killpg(proc.pid, 15)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    for _ in range(3):
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if marker in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+            except psutil.Error:
+                pass
+        try:
+            os.killpg(proc.pid, 9)  # workers renamed "ray::..." carry no marker; they share the session
+        except (ProcessLookupError, PermissionError):
+            pass
+        time.sleep(1)
