@@ -212,10 +212,14 @@ def _quiet_libraries(verbose: bool) -> None:
     Warnings and errors otherwise always show. (Ray's own console is set in ``cluster.connect``.)"""
     if verbose:
         return
-    importlib.import_module("ray.data")  # configures the "ray.data" logger at import: set its level after
+    # These set their loggers' levels when imported: import them first, then set the levels.
+    for module in ("ray.data", "ray.job_submission"):
+        importlib.import_module(module)
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # bnflow prints the one link that matters
-    for name in ("mlflow", "ray.data", "ray._private.runtime_env", "ray.dashboard"):
+    # (Ray's job SDK modules set their own loggers to INFO: name them, not their parent.)
+    for name in ("mlflow", "ray.data", "ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk",
+                 "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for name, message in KNOWN_HARMLESS.items():
         logging.getLogger(name).addFilter(lambda record, m=message: m not in record.getMessage())

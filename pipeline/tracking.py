@@ -31,6 +31,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # Set by ``pipeline submit`` for the job it submits: the job runs from an unpacked copy of the code
 # (no .git) as the cluster's user, so the submitting side says who and which commit.
 SUBMITTER_ENV = {"user": "BNFLOW_SUBMITTED_BY", "commit": "BNFLOW_GIT_COMMIT"}
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
 
 
 def default_tracking_uri(cfg_uri: Optional[str]) -> str:
@@ -87,7 +88,7 @@ def source_tags() -> dict[str, str]:
     from mlflow.utils import mlflow_tags as T
 
     tags = {T.MLFLOW_SOURCE_NAME: "python -m pipeline run",
-            T.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB if os.environ.get("RAY_JOB_ID") else SourceType.LOCAL),
+            T.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB if os.environ.get(RAY_JOB_ENV) else SourceType.LOCAL),
             T.MLFLOW_USER: os.environ.get(SUBMITTER_ENV["user"]) or getpass.getuser()}
     commit = os.environ.get(SUBMITTER_ENV["commit"])
     if not commit:

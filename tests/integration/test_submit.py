@@ -1,0 +1,97 @@
+"""`pipeline submit` against a real `ray start --head` with token auth and a real MLflow server:
+a slot runs once, its retries never start a second run, a user error in the job is exit code 2,
+a missing or wrong token is one line."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+from tests.conftest import start_ray_head, stop_ray_head
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    token = secrets.token_hex(32)
+    address, proc = start_ray_head(tmp_path_factory.mktemp("head"), token)
+    yield address, token
+    stop_ray_head(proc)
+
+
+def _submit(address, *args, token=None, home=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    if home:
+        env["HOME"] = str(home)  # no ~/.ray/auth_token there
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--address", address, "--recipe", "digits", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _jobs(address, token):
+    from ray.job_submission import JobSubmissionClient
+
+    return {j.submission_id: j for j in JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).list_jobs()}
+
+
+def test_a_slot_runs_once_and_its_retry_starts_nothing(head, mlflow_server, tmp_path):
+    address, token = head
+    common = ["--set", "train.epochs=2", "--set", f"storage={tmp_path}", "--set", f"tracking.uri={mlflow_server}",
+              "--set", "tracking.experiment=submit", "--slot", "2026-11-24T02:00Z", "--schedule", "nightly"]
+    code, out, err = _submit(address, *common, token=token)
+    assert code == 0, out + err
+    assert "submitted job bnflow-nightly-20261124T0200Z (run nightly-20261124T0200Z)" in out
+    assert "[bnflow] stage 5/5 evaluate: done" in out  # the job's output, followed
+    assert err == ""  # no Ray packaging chatter on the submitting side
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("submit")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = 'nightly-20261124T0200Z'")
+    parent = next(r for r in runs if r.data.tags[TAG_STAGE] == "pipeline")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["bnflow.slot"] == "2026-11-24T02:00Z" and parent.data.tags["bnflow.schedule"] == "nightly"
+    assert parent.data.tags["mlflow.source.type"] == "JOB"
+    head_commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if head_commit:  # the job's copy of the code has no .git: the commit came from the submitting side
+        assert parent.data.tags["mlflow.source.git.commit"] == head_commit
+    assert "MLFLOW_TRACKING_URI" not in _jobs(address, token)["bnflow-nightly-20261124T0200Z"].entrypoint
+
+    before = set(_jobs(address, token))
+    code, out, _ = _submit(address, *common, token=token)
+    assert code == 0
+    assert "already succeeded as job bnflow-nightly-20261124T0200Z" in out
+    assert set(_jobs(address, token)) == before  # no second job
+    assert len(client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = 'nightly-20261124T0200Z'")) == 6
+
+
+def test_a_user_error_in_the_job_exits_2_and_a_retry_takes_the_next_submission_id(head, mlflow_server, tmp_path):
+    address, token = head
+    common = ["--set", "train.workers=64", "--set", f"storage={tmp_path}", "--set", f"tracking.uri={mlflow_server}",
+              "--set", "tracking.experiment=submit", "--slot", "2026-11-25T02:00Z", "--schedule", "nightly"]
+    code, out, _ = _submit(address, *common, token=token)
+    assert code == 2, out
+    assert "error: train.workers=64" in out and "job bnflow-nightly-20261125T0200Z failed (exit code 2)" in out
+    code, out, _ = _submit(address, *common, token=token)
+    assert code == 2
+    assert "submitted job bnflow-nightly-20261125T0200Z-r1" in out  # Ray refuses a reused submission id
+
+
+def test_a_missing_or_wrong_token_is_one_line(head, tmp_path):
+    address, _ = head
+    code, out, err = _submit(address, token=None, home=tmp_path)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: --address {address}: the cluster requires a Ray auth token and none was found; set "
+                           "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (on the head: ray get-auth-token)")
+    code, _, err = _submit(address, token="not-the-token")
+    assert code == 2 and err.count("\n") == 1 and "refused this Ray auth token" in err
