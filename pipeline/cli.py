@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="bnflow: BatchNorm training pipeline on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run (or resume) a recipe end to end"), ("show-config", "print the resolved config"),
-                       ("submit", "run a recipe as a Ray job on a cluster and follow it")):
+                       ("submit", "run a recipe as a Ray job on a cluster and follow it"),
+                       ("schedule", "submit a recipe's job for every due cron slot (a long-running process)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--recipe", default=None, help="recipe name (one of the shipped recipes) or a YAML path (default: fashion_mnist)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -48,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                         help="follow the job's output and exit with its result (default), or return once submitted")
     submit.add_argument("--verbose", action="store_true", help="the job also shows Ray's and MLflow's own logs")
+    sched = sub.choices["schedule"]
+    sched.add_argument("--address", default=None, help=f"the Ray dashboard's address (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    sched.add_argument("--schedule", default=None, metavar="NAME", help="the schedule's name in its run ids (default: the recipe's name)")
+    sched.add_argument("--cron", required=True, help="five-field cron expression in UTC, e.g. '0 2 * * *'")
+    sched.add_argument("--catchup", default="latest", help="slots missed while no scheduler ran: none, latest (default) or all")
+    sched.add_argument("--max-active", type=int, default=1, help="at most this many of the schedule's jobs at once (default 1)")
+    sched.add_argument("--overlap", default="queue", help="a slot due while max-active jobs run: queue (default) or skip")
+    sched.add_argument("--once", action="store_true", help="submit what is due now and exit (for a cron of your own)")
+    sched.add_argument("--verbose", action="store_true", help="the jobs also show Ray's and MLflow's own logs")
     sub.choices["show-config"].add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
     return parser
 
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show_config(args)
         if args.command == "submit":
             return _submit(args)
+        if args.command == "schedule":
+            return _schedule(args)
         return _run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -123,7 +135,44 @@ def _submit(args) -> int:
     run_args += ["--slot", tags["bnflow.slot"], "--schedule", tags["bnflow.schedule"]] if tags else ["--run-id", run_id]
     if args.verbose:
         run_args.append("--verbose")
-    return submit.submit(submit.connect(address), run_args, env, run_id, args.wait, say)
+    return submit.submit(submit.connect(address), run_args, env, run_id, args.wait, say, metadata=tags)
+
+
+def _schedule(args) -> int:
+    from pydantic import ValidationError
+
+    from pipeline import recipes, schedule, slots, submit
+    from tasks.console import say
+
+    try:
+        policy = schedule.ScheduleConfig(cron=args.cron, catchup=args.catchup, max_active=args.max_active, overlap=args.overlap)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]).replace("_", "-") if err["loc"] else "cron"
+        raise ConfigError(f"--{field} {getattr(args, field.replace('-', '_'))!r}: {err['msg'].removeprefix('Value error, ')}") from None
+    cfg = recipes.load(args.recipe, args.overrides)  # checked once, here, not at 02:00
+    name = slots.check_schedule_name(args.schedule or cfg.name)
+    _quiet_libraries(args.verbose)
+    address = submit.dashboard_address(args.address)
+    submit.plan(cfg, args.recipe, args.overrides, address)
+    client = submit.connect(address)
+
+    def submit_slot(slot):
+        one = argparse.Namespace(**{**vars(args), "slot": slots.slot_label(slot), "schedule": name, "run_id": None, "wait": False})
+        _submit(one)
+
+    now = schedule.utcnow()
+    scheduler = schedule.Scheduler(policy, schedule.cluster_jobs(client, name), submit_slot, say, started=now)
+    say(f"schedule {name}: '{policy.cron}' (UTC) on {address}; catchup={policy.catchup}, max_active={policy.max_active}, "
+        f"overlap={policy.overlap}")
+    if args.once:
+        scheduler.tick(now)
+        return 0
+    try:
+        scheduler.run_forever(schedule.utcnow, time.sleep)
+    except KeyboardInterrupt:
+        say(f"schedule {name}: stopped (jobs already submitted go on)")
+        return 130
 
 
 class Interrupted(BaseException):

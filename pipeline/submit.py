@@ -145,8 +145,10 @@ def submission_ids(run_id: str):
         n += 1
 
 
-def submit(client, run_args: list[str], env: dict[str, str], run_id: str, wait: bool, say) -> int:
-    """Submit (or find) the job of ``run_id`` and, with ``wait``, follow it; returns the exit code."""
+def submit(client, run_args: list[str], env: dict[str, str], run_id: str, wait: bool, say,
+           metadata: Optional[dict[str, str]] = None) -> int:
+    """Submit (or find) the job of ``run_id`` and, with ``wait``, follow it; returns the exit code.
+    ``metadata`` (e.g. the schedule and slot) goes on the job, where ``pipeline schedule`` reads it."""
     jobs = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
     for sid in submission_ids(run_id):
         job = jobs.get(sid)
@@ -164,7 +166,7 @@ def submit(client, run_args: list[str], env: dict[str, str], run_id: str, wait: 
     if (PROJECT_ROOT / "pyproject.toml").exists():  # a checkout: the job runs this code, not what the cluster has
         runtime_env["working_dir"] = str(PROJECT_ROOT)
     client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
-                      metadata={"bnflow.run_id": run_id})
+                      metadata={"bnflow.run_id": run_id, **(metadata or {})})
     say(f"submitted job {sid} (run {run_id})")
     if not wait:
         say(f"follow it with: ray job logs -f {sid}")

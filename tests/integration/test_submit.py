@@ -95,3 +95,27 @@ def test_a_missing_or_wrong_token_is_one_line(head, tmp_path):
                            "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (on the head: ray get-auth-token)")
     code, _, err = _submit(address, token="not-the-token")
     assert code == 2 and err.count("\n") == 1 and "refused this Ray auth token" in err
+
+
+def test_the_scheduler_submits_the_due_slot_once_through_the_same_path(head, mlflow_server, tmp_path):
+    import datetime as dt
+
+    address, token = head
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, "RAY_AUTH_TOKEN": token}
+    cmd = [sys.executable, "-m", "pipeline", "schedule", "--address", address, "--recipe", "digits", "--schedule", "sched",
+           "--cron", "*/5 * * * *", "--catchup", "latest", "--once", "--set", "train.workers=64",  # a job that ends at once
+           "--set", f"storage={tmp_path}", "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=submit"]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    mine = {sid: j for sid, j in _jobs(address, token).items() if sid.startswith("bnflow-sched-")}
+    assert len(mine) == 1
+    (sid, job), = mine.items()
+    slot = dt.datetime.strptime(job.metadata["bnflow.slot"], "%Y-%m-%dT%H:%MZ").replace(tzinfo=dt.timezone.utc)
+    assert sid == f"bnflow-sched-{slot:%Y%m%dT%H%MZ}" and slot.minute % 5 == 0
+    assert dt.timedelta(0) <= dt.datetime.now(dt.timezone.utc) - slot < dt.timedelta(minutes=10)
+    assert f"submitted job {sid}" in first.stdout
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0
+    if not again.stdout.count("submitted job"):  # unless a new 5-minute slot began in between
+        assert {s for s in _jobs(address, token) if s.startswith("bnflow-sched-")} == {sid}
