@@ -351,6 +351,10 @@ class _StageRun:
         example = np.zeros((2, state.spec.num_features), dtype=np.float32)
         with torch.no_grad():
             logits = model(torch.from_numpy(example)).numpy()
+        if state.spec.feature_names:  # a wide table: columns by name, so a caller's column order cannot matter
+            import pandas as pd
+
+            example = pd.DataFrame(example, columns=state.spec.feature_names)
         self.client.log_artifact(self.run_id, ckpt.path, artifact_path=f"checkpoints/{name}")
         register = self.tracker.cfg.tracking.register_model if name == "recalibrated" else None
         with mlflow.start_run(run_id=self.run_id, nested=True):

@@ -39,6 +39,8 @@ class Dataset(_Artifact):
     num_features: int
     num_classes: int
     image_shape: Optional[tuple[int, int, int]] = None
+    feature_names: Optional[list[str]] = Field(
+        None, description="A wide table's feature columns, in feature order; the served model takes them by name.")
 
     def split(self, name: str) -> SplitInfo:
         return self.splits[name]
@@ -130,6 +132,7 @@ class ModelSpec(_Artifact):
     num_features: int
     num_classes: int
     image_shape: Optional[tuple[int, int, int]] = None
+    feature_names: Optional[list[str]] = None  # a wide table's columns: the served model's input names
 
 
 class CheckpointState(_Artifact):

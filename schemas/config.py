@@ -24,6 +24,10 @@ class DataConfig(_Strict):
     path: Optional[str] = Field(
         None, description="fashion_mnist: directory with the four IDX .gz files (default: Debian's); parquet: directory with train/ and test/ Parquet.")
     features_column: str = Field("features", description="parquet source: the list<float> column holding one row's features.")
+    features_columns: Optional[list[str]] = Field(
+        None, min_length=1,
+        description="parquet source, a wide table: the numeric columns, in this order, that form a row's features. "
+                    "Unset: features_column if the table has it, else every numeric column except the label.")
     label_column: str = Field("label", description="parquet source: the integer class-label column.")
     image_shape: Optional[tuple[int, int, int]] = Field(
         None, description="parquet source: (channels, height, width) if features are flattened images; enables per-channel statistics and the CNN.")

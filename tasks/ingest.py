@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     Raises:
         DataError: a missing file or a source that breaks the data contract.
     """
+    feature_names = None
     if cfg.source == "fashion_mnist":
         (x_train, y_train), (x_test, y_test) = _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR))
         image_shape = (1, 28, 28)
@@ -42,7 +44,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     else:
         if not cfg.path:
             raise DataError("data.path is not set: the parquet source needs a directory holding train/ and test/ Parquet")
-        (x_train, y_train), (x_test, y_test) = _parquet(cfg)
+        (x_train, y_train), (x_test, y_test), feature_names = _parquet(cfg)
         image_shape = cfg.image_shape
 
     rng = np.random.default_rng(seed)
@@ -66,7 +68,8 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     parts = {"train": (x_train[train_idx], y_train[train_idx]), "val": (x_train[val_idx], y_train[val_idx]),
              "test": (x_test, y_test)}
     splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
-    return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape)
+    return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape,
+                   feature_names=feature_names)
 
 
 def source_files(cfg: DataConfig) -> list[Path]:
@@ -169,19 +172,54 @@ def _parquet_files(root: Path, split: str) -> list[Path]:
     raise DataError(f"data.path: {root} has no {split}/ directory or {split}.parquet file; put the {split} split there")
 
 
+def feature_columns(schema: pa.Schema, cfg: DataConfig, where: str) -> Optional[list[str]]:
+    """How a Parquet table holds its features: None for one list column (``data.features_column``),
+    else the wide table's feature columns in order (``data.features_columns``, or every numeric
+    column except the label).
+
+    Raises:
+        DataError: a listed column is missing or not numeric, or the table has no feature columns.
+    """
+    names = schema.names
+    if cfg.features_columns is None and cfg.features_column in names:
+        return None
+    if cfg.features_columns is not None:
+        missing = [c for c in cfg.features_columns if c not in names]
+        if missing:
+            raise DataError(f"data.features_columns: column '{missing[0]}' not in {where} (columns: {names}); "
+                            "list the table's feature columns")
+        wrong = [c for c in cfg.features_columns if not _numeric(schema.field(c).type)]
+        if wrong:
+            raise DataError(f"data.features_columns: '{wrong[0]}' in {where} has type {schema.field(wrong[0]).type}, "
+                            "expected numbers; convert it to float32 or leave it out of the list")
+        if cfg.label_column in cfg.features_columns:
+            raise DataError(f"data.features_columns: lists the label column '{cfg.label_column}'; leave it out")
+        return list(cfg.features_columns)
+    numeric = [n for n in names if n != cfg.label_column and _numeric(schema.field(n).type)]
+    if not numeric:
+        raise DataError(f"data.features_column: column '{cfg.features_column}' not in {where} and no numeric columns "
+                        f"besides the label (columns: {names}); set data.features_column or data.features_columns")
+    return numeric
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t)
+
+
 def _check_columns(schema: pa.Schema, cfg: DataConfig, where: str) -> None:
     names = schema.names
-    for col, field in ((cfg.features_column, "data.features_column"), (cfg.label_column, "data.label_column")):
-        if col not in names:
-            raise DataError(f"{field}: column '{col}' not in {where} (columns: {names}); set {field}")
+    if cfg.label_column not in names:
+        raise DataError(f"data.label_column: column '{cfg.label_column}' not in {where} (columns: {names}); set data.label_column")
     label = schema.field(cfg.label_column).type
     if not pa.types.is_integer(label):
         raise DataError(f"data.label_column: '{cfg.label_column}' in {where} has type {label}, expected an integer class id; cast it to int64")
+    if feature_columns(schema, cfg, where) is not None:
+        return
     feats = schema.field(cfg.features_column).type
     if not (pa.types.is_list(feats) or pa.types.is_fixed_size_list(feats) or pa.types.is_large_list(feats)):
         raise DataError(f"data.features_column: '{cfg.features_column}' in {where} has type {feats}, expected a list of floats")
     value = feats.value_type
-    if not (pa.types.is_floating(value) or pa.types.is_integer(value)):
+    if not _numeric(value):
         raise DataError(f"data.features_column: '{cfg.features_column}' in {where} holds {value} values, expected numbers; "
                         "convert the features to float32")
 
@@ -190,9 +228,11 @@ def _parquet(cfg: DataConfig):
     check_source(cfg)  # every file's footer: readable, the configured columns, numeric types
     root = Path(cfg.path)
     tables = {}
+    first = _parquet_files(root, "train")[0]
+    wide = feature_columns(arrow_io.read_schema(first), cfg, str(first))
     for split in ("train", "test"):
         files = _parquet_files(root, split)
-        parts = [arrow_io.read_table(f).select([cfg.features_column, cfg.label_column]) for f in files]
+        parts = [_as_list_column(arrow_io.read_table(f), cfg, wide, str(f)) for f in files]
         try:
             tables[split] = pa.concat_tables(parts, promote_options="permissive")
         except pa.ArrowException as e:
@@ -201,7 +241,25 @@ def _parquet(cfg: DataConfig):
     differ = arrow.diff(schemas["test"].remove_metadata(), schemas["train"].remove_metadata())
     if differ:
         raise DataError(f"data.path: the test split's schema differs from train: {'; '.join(differ)}")
-    return [_parquet_split(tables[s], cfg, s) for s in ("train", "test")]
+    return (*[_parquet_split(tables[s], cfg, s) for s in ("train", "test")], wide)
+
+
+def _as_list_column(table: pa.Table, cfg: DataConfig, wide: Optional[list[str]], where: str) -> pa.Table:
+    """(features, label) with the features as one list column, whichever shape the file has."""
+    if wide is None:
+        return table.select([cfg.features_column, cfg.label_column])
+    missing = [c for c in wide if c not in table.column_names]
+    if missing:
+        raise DataError(f"data.path: {where} lacks feature column '{missing[0]}' that the first train file has; "
+                        "give every file the same columns")
+    cols = [pc.cast(table.column(c), pa.float32()) for c in wide]
+    if any(c.null_count for c in cols):
+        nulls = sum(c.null_count for c in cols)
+        raise DataError(f"data.features_columns: {nulls} null value(s) in {where}; fill or drop those rows")
+    n = table.num_rows
+    flat = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]).reshape(-1) if n else np.zeros(0, np.float32)
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), len(wide))
+    return pa.table({cfg.features_column: feats.cast(pa.list_(pa.float32())), cfg.label_column: table.column(cfg.label_column)})
 
 
 def _parquet_split(table: pa.Table, cfg: DataConfig, split: str):

@@ -130,3 +130,38 @@ def test_failed_stage_leaves_no_complete_output_and_exits_2(mlflow_server, tmp_p
     client = MlflowClient(mlflow_server)
     status = {r.data.tags[TAG_STAGE]: r.info.status for r in _runs(client, "itest", "itest-bad")}
     assert status == {"pipeline": "FAILED", "ingest": "FINISHED", "normalize": "FAILED"}
+
+
+def test_a_wide_table_trains_and_its_served_model_takes_columns_by_name(mlflow_server, tmp_path):
+    """UCI wine (scikit-learn's bundled copy) as users hold it: one column per feature. Formerly
+    refused with "column 'features' not in the train split"."""
+    from mlflow.exceptions import MlflowException
+    from sklearn.datasets import load_wine
+
+    wine = load_wine(as_frame=True)
+    frame = wine.frame.rename(columns={"target": "label"})
+    frame.columns = [c.replace("/", "_") for c in frame.columns]
+    test = frame.iloc[::5]
+    src = tmp_path / "wine"
+    for split, part in (("train", frame.drop(test.index)), ("test", test)):
+        (src / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), src / split / "p.parquet")
+    names = [c for c in frame.columns if c != "label"]
+    storage = tmp_path / "storage"
+    assert main(["run", "--recipe", "digits", "--run-id", "itest-wine", "--set", f"storage={storage}",
+                 "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
+                 "--set", "data.source=parquet", "--set", f"data.path={src}", "--set", "data.num_classes=3",
+                 "--set", "train.epochs=3", "--set", "train.batch_size=16"]) == 0
+
+    manifest = json.loads((storage / "itest-wine" / "ingest" / "manifest.json").read_text())
+    assert json.dumps(names) in json.dumps(manifest)  # the chosen columns and their order, recorded
+    client = MlflowClient(mlflow_server)
+    train = next(r for r in _runs(client, "itest", "itest-wine") if r.data.tags[TAG_STAGE] == "train")
+    model_uri = f"runs:/{train.info.run_id}/model_trained"
+    model = mlflow.pyfunc.load_model(model_uri)
+    assert model.metadata.get_input_schema().input_names() == names
+    x = test[names].astype("float32").reset_index(drop=True)
+    shuffled = x[list(reversed(names))]  # the caller's column order does not matter: names do
+    np.testing.assert_array_equal(model.predict(x), model.predict(shuffled))
+    with pytest.raises(MlflowException, match="proline"):
+        model.predict(x.drop(columns=["proline"]))

@@ -70,7 +70,8 @@ def test_user_parquet_with_configured_columns(tmp_path):
 
 
 @pytest.mark.parametrize("kind, match", [
-    ("missing", r"data.features_column: column 'x' not in \S+/train/p.parquet \(columns: \['feat', 'y'\]\)"),
+    ("missing", r"data.features_column: column 'x' not in \S+/train/p.parquet and no numeric columns besides the label "
+                r"\(columns: \['feat', 'y'\]\); set data.features_column or data.features_columns"),
     ("float_label", r"data.label_column: 'y' in \S+/train/p.parquet has type double, expected an integer"),
     ("string_features", r"data.features_column: 'x' in \S+/train/p.parquet holds string values, expected numbers"),
     ("null_label", r"data.label_column: 1 null label\(s\) in the train split"),
@@ -124,6 +125,63 @@ def test_user_parquet_contract_errors(tmp_path, kind, match):
     if kind in ("missing", "float_label", "string_features", "truncated", "not_parquet"):
         with pytest.raises(DataError, match=match):  # found from the footers alone, before Ray starts
             check_source(cfg)
+
+
+def _wide(n=30):
+    """A wide table as users export it: one numeric column per feature, the label, a text column."""
+    rng = np.random.default_rng(1)
+    return pa.table({"alcohol": rng.normal(13, 1, n), "ash": rng.normal(2.4, 0.3, n).astype(np.float32),
+                     "proline": rng.integers(300, 1700, n), "label": rng.integers(0, 3, n),
+                     "note": pa.array(["x"] * n)})
+
+
+def _split_features(ds, split):
+    t = pq.read_table(ds.splits[split].path)
+    return np.asarray(t.column(arrow.FEATURES).to_pylist(), dtype=np.float64), np.asarray(t.column(arrow.LABEL).to_pylist())
+
+
+def test_a_wide_table_takes_every_numeric_column_but_the_label_in_order(tmp_path):
+    (tmp_path / "in").mkdir()
+    table = _wide()
+    path = _write_user(tmp_path / "in", table)
+    ds = ingest(DataConfig(source="parquet", path=path, num_classes=3), tmp_path / "out", seed=0)
+    assert ds.feature_names == ["alcohol", "ash", "proline"] and ds.num_features == 3
+    x, y = _split_features(ds, "test")  # the test split keeps the file's row order
+    expected = np.column_stack([np.asarray(table.column(c).to_pylist(), dtype=np.float64) for c in ds.feature_names])
+    np.testing.assert_allclose(x, expected.astype(np.float32), rtol=0, atol=0)
+    assert (y == np.asarray(table.column("label").to_pylist())).all()
+
+
+def test_listed_feature_columns_are_taken_in_the_listed_order(tmp_path):
+    (tmp_path / "in").mkdir()
+    table = _wide()
+    path = _write_user(tmp_path / "in", table)
+    ds = ingest(DataConfig(source="parquet", path=path, num_classes=3, features_columns=["proline", "alcohol"]),
+                tmp_path / "out", seed=0)
+    assert ds.feature_names == ["proline", "alcohol"]
+    x, _ = _split_features(ds, "test")
+    np.testing.assert_array_equal(x[:, 0], np.asarray(table.column("proline").to_pylist(), dtype=np.float32))
+
+
+@pytest.mark.parametrize("columns, match", [
+    (["alcohol", "colour"], r"data.features_columns: column 'colour' not in \S+/train/p.parquet"),
+    (["alcohol", "note"], r"data.features_columns: 'note' in \S+/train/p.parquet has type string, expected numbers"),
+    (["alcohol", "label"], r"data.features_columns: lists the label column 'label'; leave it out"),
+])
+def test_wrong_feature_columns_are_named_before_ray_starts(tmp_path, columns, match):
+    (tmp_path / "in").mkdir()
+    path = _write_user(tmp_path / "in", _wide())
+    with pytest.raises(DataError, match=match):
+        check_source(DataConfig(source="parquet", path=path, num_classes=3, features_columns=columns))
+
+
+def test_a_null_in_a_wide_table_is_named(tmp_path):
+    (tmp_path / "in").mkdir()
+    table = _wide()
+    table = table.set_column(0, "alcohol", pa.array([None] + table.column("alcohol").to_pylist()[1:], pa.float64()))
+    path = _write_user(tmp_path / "in", table)
+    with pytest.raises(DataError, match=r"data.features_columns: 1 null value\(s\) in \S+/train/p.parquet; fill or drop"):
+        ingest(DataConfig(source="parquet", path=path, num_classes=3), tmp_path / "out", seed=0)
 
 
 def test_missing_fashion_mnist_dir_names_the_fix(tmp_path):

@@ -56,11 +56,13 @@ def _readme_commands() -> list[list[str]]:
 
 def _fill(argv: list[str]) -> list[str]:
     """Usage placeholders made concrete; a flag whose value the usage line elides is dropped."""
-    placeholders = {"ID": "nightly-2026-11-24", "NAME|PATH.yaml": "digits", "key=value": "train.epochs=2"}
-    argv = [placeholders.get(a, a) for a in argv]
+    placeholders = {"ID": "nightly-2026-11-24", "NAME|PATH.yaml": "digits", "key=value": "train.epochs=2",
+                    "TIME": "2026-11-24T02:00Z", "URL": "http://127.0.0.1:8265", "none|latest|all": "latest",
+                    "queue|skip": "queue", "|": None}
+    argv = [placeholders.get(a, a) for a in argv if placeholders.get(a, a) is not None]
     out = []
     for i, a in enumerate(argv):
-        takes_value = a in ("--recipe", "--set", "--run-id")
+        takes_value = a in ("--recipe", "--set", "--run-id", "--slot", "--address")
         if takes_value and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             continue
         out.append(a)
