@@ -2,10 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: setup data run test bench clean
+.PHONY: setup data browser run test bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,10 +24,17 @@ $(FMNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# Debian's Chromium for the MLflow UI test (Playwright drives it; its own browser download cannot work here).
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium
+
 run: setup data
 	$(PY) -m pipeline run $(ARGS)
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest -q tests
 
 bench: setup data
@@ -35,4 +43,4 @@ bench: setup data
 	$(PY) -m benchmarks.pipeline_vs_ddp
 
 clean:
-	rm -rf runs mlflow.db mlartifacts
+	rm -rf runs mlflow.db mlartifacts test-artifacts

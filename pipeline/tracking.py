@@ -75,7 +75,8 @@ def ui_command(uri: str, experiment_id: str = "", run_id: str = "") -> str:
     """Where a person looks at the run: its page for a tracking server, the command that serves a
     local store."""
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        # workflowType: MLflow 3's UI otherwise shows a run under its GenAI labels in a fresh browser.
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 

@@ -118,7 +118,7 @@ def stop_ray_head(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=3)  # `ray start --block` rarely ends on SIGTERM alone: SIGKILL follows
     except subprocess.TimeoutExpired:
         pass
     for _ in range(3):

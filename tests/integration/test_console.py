@@ -96,3 +96,75 @@ def test_a_terminal_sees_one_line_per_stage_a_training_bar_and_the_run_link(mlfl
         if head:  # a git checkout (CI's is): the commit the code came from
             assert tags["mlflow.source.git.commit"] == head
     assert len(runs) == 6
+
+
+def _browser():
+    """Headless Chromium from Debian's package, driven by Playwright (its own browser download cannot
+    work here). `make test` installs both; a missing one is a set-up error, not a skip."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).exists(), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    return sync_playwright(), chromium
+
+
+def test_the_run_reads_in_the_mlflow_ui(mlflow_server, tmp_path):
+    """What the summary's link opens, in a real browser: the parent run in MLflow's model-training
+    view, its five stage runs, a per-epoch chart and the confusion matrix. Screenshots are kept."""
+    run_id = "console-tty"
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("console")
+    runs = {r.data.tags[TAG_STAGE]: r.info.run_id
+            for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = '{run_id}'")}
+    assert len(runs) == 6, "runs after test_a_terminal_sees_..., which makes this run"
+    shots = Path(os.environ.get("BNFLOW_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "mlflow-ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    from pipeline.tracking import ui_command
+
+    playwright, chromium = _browser()
+    with playwright as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+
+        def visit(url, name, *texts):
+            page.goto(url)
+            for text in texts:
+                page.get_by_text(text, exact=True).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(shots / f"{name}.png"))
+            return page.inner_text("body")
+
+        # The link bnflow prints: the parent run, in the model-training view ("Runs", not GenAI's "Evaluations").
+        body = visit(ui_command(mlflow_server, exp.experiment_id, runs["pipeline"]), "1-parent-run",
+                     run_id, "test_accuracy_after_recal")
+        assert "Model training" in body and "Evaluations" not in body
+
+        # The experiment's runs, the parent expanded: its five stage runs beneath it.
+        visit(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning", "2-runs", run_id)
+        row = page.locator("[role=row]").filter(has_text=run_id).first
+        row.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # the parent's expander
+        for stage in ("ingest", "normalize", "train", "recalibrate", "evaluate"):
+            page.get_by_text(stage, exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(shots / "2-runs-expanded.png"))
+
+        # Per-epoch charts of the train run.
+        page.goto(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{runs['train']}/model-metrics?workflowType=machine_learning")
+        # Drawn, not just laid out: one plotted line per metric chart (plotly's traces), over epoch steps.
+        page.wait_for_function("() => document.querySelectorAll('.scatterlayer .trace').length >= 6", timeout=60_000)
+        page.get_by_text("train (train_loss)").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(shots / "3-train-charts.png"))
+
+        # The confusion matrix, previewed from the evaluate run's artifacts.
+        visit(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{runs['evaluate']}/artifacts?workflowType=machine_learning",
+              "4-evaluate-artifacts", "confusion_matrix.png")
+        page.get_by_text("confusion_matrix.png", exact=True).first.click()
+        # The preview is the artifact itself (a blob URL): the same pixel width as the file MLflow holds.
+        import matplotlib.image
+
+        local = client.download_artifacts(runs["evaluate"], "confusion_matrix.png", str(tmp_path))
+        width = matplotlib.image.imread(local).shape[1]
+        page.wait_for_function(f"() => [...document.images].some(i => i.src.startsWith('blob:') && i.complete "
+                               f"&& i.naturalWidth === {width})", timeout=30_000)
+        page.screenshot(path=str(shots / "5-confusion-matrix.png"))
+        browser.close()
