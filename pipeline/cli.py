@@ -255,12 +255,17 @@ KNOWN_HARMLESS = {
 }
 
 
+_quieted = False
+
+
 def _quiet_libraries(verbose: bool) -> None:
     """Ray's and MLflow's INFO chatter (store creation, migrations, a "View run" line per run end,
     Ray Data's execution plans) and known-harmless warnings off the console, unless ``verbose``.
     Warnings and errors otherwise always show. (Ray's own console is set in ``cluster.connect``.)"""
-    if verbose:
+    global _quieted
+    if verbose or _quieted:  # once per process (`schedule` submits through `_submit` again and again)
         return
+    _quieted = True
     # These set their loggers' levels when imported: import them first, then set the levels.
     for module in ("ray.data", "ray.job_submission"):
         importlib.import_module(module)

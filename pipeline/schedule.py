@@ -87,8 +87,9 @@ class Scheduler:
         live = sum(1 for status in jobs.values() if status in LIVE)
         submitted = []
         while self.queue and live < self.cfg.max_active:
-            slot = self.queue.pop(0)
-            self.submit(slot)
+            slot = self.queue[0]
+            self.submit(slot)  # if this raises, the slot stays first in the queue for the next tick
+            self.queue.pop(0)
             submitted.append(slot)
             live += 1
         if self.cfg.overlap == "skip":
@@ -100,8 +101,13 @@ class Scheduler:
         return submitted
 
     def run_forever(self, clock: Callable[[], dt.datetime], sleep: Callable[[float], None], poll_s: float = 30.0) -> None:
+        """Tick every ``poll_s`` seconds. A failed tick (the cluster unreachable, a submission refused)
+        is said and tried again at the next one: a scheduler outlives its cluster's restarts."""
         while True:
-            self.tick(clock())
+            try:
+                self.tick(clock())
+            except Exception as e:
+                self.say(f"schedule: {e}; trying again in {poll_s:.0f}s")
             sleep(poll_s)
 
 

@@ -13,6 +13,7 @@ from schemas import arrow
 from schemas.artifacts import Checkpoint, CheckpointState, Dataset, Evaluation, TrainHistory
 from schemas.config import EvaluateConfig
 from tasks import arrow_io
+from tasks.console import Progress
 from tasks.nn.models import model_from_checkpoint
 
 
@@ -28,13 +29,14 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     confusion = {tag: np.zeros((k, k), dtype=np.int64) for tag in models}
     loss = {tag: 0.0 for tag in models}
     rows = 0
-    with torch.no_grad():
+    with torch.no_grad(), Progress("evaluate", total=data.split("test").rows, unit="rows") as bar:
         for f in files:
             table = arrow_io.read_table(f)
             x_all = arrow_io.features_tensor(table)
             y_all = torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
             for x, y in zip(x_all.split(cfg.batch_size), y_all.split(cfg.batch_size)):
                 rows += len(y)
+                bar.update(len(y))
                 for tag, model in models.items():
                     logits = model(x)
                     loss[tag] += float(F.cross_entropy(logits, y, reduction="sum"))

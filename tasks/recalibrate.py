@@ -8,6 +8,7 @@ from schemas import arrow
 from schemas.artifacts import Checkpoint, CheckpointState, Dataset
 from schemas.config import RecalibrateConfig
 from tasks import arrow_io
+from tasks.console import Progress
 from tasks.nn.bn_stats import update_bn_stats
 from tasks.nn.models import model_from_checkpoint
 
@@ -27,7 +28,9 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
     if cfg.enabled:
         files = arrow_io.check_split(data.split(cfg.split).path, arrow.example_schema(data.num_features),
                                      where=f"recalibrate input split '{cfg.split}'")
-        rows = update_bn_stats(model, _batches(files, cfg.batch_size, cfg.max_rows))
+        total = min(data.split(cfg.split).rows, cfg.max_rows or data.split(cfg.split).rows)
+        with Progress("recalibrate", total=total, unit="rows") as bar:
+            rows = update_bn_stats(model, _counted(_batches(files, cfg.batch_size, cfg.max_rows), bar))
     state = state.model_copy(update={
         "model": model.state_dict(), "optimizer": None, "scheduler": None, "rng": None,
         "recalibration": {"rows": rows, "split": cfg.split}})
@@ -35,6 +38,12 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
     path = out_dir / CHECKPOINT_FILE
     state.save(path)
     return Checkpoint(path=str(path), digest=arrow_io.file_digest(path), epoch=checkpoint.epoch, bn_mode=checkpoint.bn_mode)
+
+
+def _counted(batches, bar: Progress):
+    for batch in batches:
+        yield batch
+        bar.update(len(batch))
 
 
 def _batches(files: list[str], batch_size: int, max_rows):

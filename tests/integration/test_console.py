@@ -75,8 +75,9 @@ def test_a_terminal_sees_one_line_per_stage_a_training_bar_and_the_run_link(mlfl
     # no Ray or MLflow log lines, no warnings.
     frames = [f for f in re.split(r"[\r\n]", terminal) if f.strip() and not set(f.strip()) <= set("\x1b[A")]
     assert any(re.search(r"train epoch 3/3: 100%\|.*\| 60/60 .*train_loss=", f) for f in frames), frames[-5:]
-    assert any("normalize" in f and "rows" in f for f in frames)
-    noise = [f for f in frames if not re.search(r"\[bnflow\] (train|normalize)", f)]
+    for stage in ("normalize", "recalibrate", "evaluate"):  # bars in rows for the stages that read data
+        assert any(f"[bnflow] {stage}:" in f and "rows" in f for f in frames), stage
+    noise = [f for f in frames if not re.search(r"\[bnflow\] (train|normalize|recalibrate|evaluate)", f)]
     assert noise == [] or all(re.fullmatch(r"(\x1b\[A|\s)*", f) for f in noise), noise[:5]
 
     # The summary links the parent run's page on the server, and that page's run is this run.

@@ -85,3 +85,30 @@ def test_a_slot_due_while_the_previous_runs_is_skipped_for_good():
 def test_a_bad_cron_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="not a five-field cron expression"):
         ScheduleConfig(cron="0 2 * *")
+
+
+def test_a_failed_submission_is_retried_at_the_next_tick_and_the_scheduler_lives_on():
+    cluster = Cluster()
+    down = {"n": 1}
+
+    def flaky(slot):
+        if down["n"]:
+            down["n"] -= 1
+            raise ConnectionError("dashboard unreachable")
+        cluster.submit(slot)
+
+    class Stop(BaseException):  # not an Exception: the loop does not swallow it
+        pass
+
+    said, clock = [], iter([t(24, 2), t(24, 2, 1)])
+
+    def sleep(_):
+        if not clock.__length_hint__():
+            raise Stop
+
+    s = Scheduler(ScheduleConfig(cron="0 2 * * *", catchup="none"), lambda: dict(cluster.jobs), flaky, said.append,
+                  started=t(24, 1))
+    with pytest.raises(Stop):  # after two ticks
+        s.run_forever(lambda: next(clock), sleep)
+    assert cluster.submitted == [t(24, 2)]
+    assert said == ["schedule: dashboard unreachable; trying again in 30s"]
