@@ -156,8 +156,11 @@ def submit(client, run_args: list[str], env: dict[str, str], run_id: str, wait: 
             break
         status = str(job.status.value if hasattr(job.status, "value") else job.status)
         if status in LIVE:
+            if not wait:
+                say(f"run {run_id} is already running as job {sid}; follow it with: ray job logs -f {sid}")
+                return 0
             say(f"run {run_id} is already running as job {sid}; following it")
-            return follow(client, sid, say) if wait else 0
+            return follow(client, sid, say)
         if status == "SUCCEEDED":
             say(f"run {run_id} already succeeded as job {sid}; nothing to do (logs: ray job logs {sid})")
             return 0
