@@ -154,7 +154,7 @@ def _schedule(args) -> int:
     name = slots.check_schedule_name(args.schedule or cfg.name)
     _quiet_libraries(args.verbose)
     address = submit.dashboard_address(args.address)
-    submit.plan(cfg, args.recipe, args.overrides, address)
+    submit.plan(cfg, args.recipe, args.overrides, address)  # refused now, not at the first slot
     client = submit.connect(address)
 
     def submit_slot(slot):

@@ -108,12 +108,12 @@ def _reuse(storage: Path, node: Node, made_from: dict, partial: Path, stage_dir:
         return None, None
     source = Path(json.loads(entry.read_text())["stage_dir"])
     manifest = source / MANIFEST
-    if not manifest.exists() or json.loads(manifest.read_text()).get("made_from") != made_from:
+    body = json.loads(manifest.read_text()) if manifest.exists() else {}
+    if body.get("made_from") != made_from:
         return None, None  # that run was deleted or its stage replaced: recompute
     if partial.exists():
         _remove(partial)
     shutil.copytree(source, partial, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MANIFEST))
-    body = json.loads(manifest.read_text())
     outputs = {k: node.outputs[k].model_validate(_retarget(v, str(source), str(stage_dir)))
                for k, v in body["outputs"].items()}
     _write_manifest(partial, node, made_from, outputs)

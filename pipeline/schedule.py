@@ -14,6 +14,7 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline import slots
 from pipeline.submit import LIVE
 
 
@@ -94,7 +95,7 @@ class Scheduler:
             live += 1
         if self.cfg.overlap == "skip":
             for slot in self.queue:
-                self.say(f"schedule: skipping slot {slot:%Y-%m-%dT%H:%MZ}: {live} job(s) of this schedule still run "
+                self.say(f"schedule: skipping slot {slots.slot_label(slot)}: {live} job(s) of this schedule still run "
                          f"(max_active={self.cfg.max_active})")
                 self.skipped.add(slot)
             self.queue = []
@@ -118,8 +119,6 @@ def utcnow() -> dt.datetime:
 def cluster_jobs(client, schedule: str) -> Callable[[], dict]:
     """{slot: status} of ``schedule``'s jobs (by the metadata ``pipeline submit`` gives them); a slot
     with several attempts counts by its newest."""
-    from pipeline import slots
-
     def jobs() -> dict:
         out = {}
         for j in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):

@@ -256,8 +256,7 @@ def _as_list_column(table: pa.Table, cfg: DataConfig, wide: Optional[list[str]],
     if any(c.null_count for c in cols):
         nulls = sum(c.null_count for c in cols)
         raise DataError(f"data.features_columns: {nulls} null value(s) in {where}; fill or drop those rows")
-    n = table.num_rows
-    flat = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]).reshape(-1) if n else np.zeros(0, np.float32)
+    flat = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]).reshape(-1)
     feats = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), len(wide))
     return pa.table({cfg.features_column: feats.cast(pa.list_(pa.float32())), cfg.label_column: table.column(cfg.label_column)})
 

@@ -132,11 +132,12 @@ def _over_files(file_groups: list[list[str]], fn, bar: Progress, rows: Callable[
     task = ray.remote(num_cpus=1)(fn)
     try:
         refs = [task.remote(group, **kwargs) for group in file_groups]
-        pending = list(refs)
+        results, pending = {}, list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            bar.update(rows(ray.get(done[0])))
-        return ray.get(refs)
+            results[done[0]] = ray.get(done[0])
+            bar.update(rows(results[done[0]]))
+        return [results[r] for r in refs]
     except Exception as e:  # a data-contract error raised in a task arrives wrapped by Ray
         inner = find_user_error(e)
         if inner is None:

@@ -65,7 +65,7 @@ def test_a_slot_runs_once_and_its_retry_starts_nothing(head, mlflow_server, tmp_
     head_commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     if head_commit:  # the job's copy of the code has no .git: the commit came from the submitting side
         assert parent.data.tags["mlflow.source.git.commit"] == head_commit
-    assert "MLFLOW_TRACKING_URI" not in _jobs(address, token)["bnflow-nightly-20261124T0200Z"].entrypoint
+    assert mlflow_server not in _jobs(address, token)["bnflow-nightly-20261124T0200Z"].entrypoint  # env only
 
     before = set(_jobs(address, token))
     code, out, _ = _submit(address, *common, token=token)
