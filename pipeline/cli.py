@@ -166,7 +166,11 @@ def _schedule(args) -> int:
     say(f"schedule {name}: '{policy.cron}' (UTC) on {address}; catchup={policy.catchup}, max_active={policy.max_active}, "
         f"overlap={policy.overlap}")
     if args.once:
-        scheduler.tick(now)
+        try:
+            scheduler.tick(now)
+        except Exception as e:  # the cluster went away between connecting and submitting
+            say(f"schedule {name}: {e}; nothing submitted, the slot is due again at the next --once")
+            return 1
         return 0
     try:
         scheduler.run_forever(schedule.utcnow, time.sleep)
