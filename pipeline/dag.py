@@ -55,7 +55,7 @@ PIPELINE: tuple[Node, ...] = (
          {"trained": A.Checkpoint, "history": A.TrainHistory}, sinks={"on_epoch": "epoch_logger"},
          params=lambda section: {"train.bn_mode": section.bn_mode},  # the resolved mode, not just the knob
          resumable=True),
-    Node("recalibrate", recalibrate, "recalibrate", {"checkpoint": "trained", "data": "data"},
+    Node("recalibrate", recalibrate, "recalibrate", {"checkpoint": "trained", "data": "data", "seed": "seed"},
          {"recalibrated": A.Checkpoint}),
     Node("evaluate", evaluate, "evaluate",
          {"trained": "trained", "recalibrated": "recalibrated", "data": "data", "history": "history"},

@@ -167,10 +167,15 @@ class TrainConfig(_Strict):
 
 
 class RecalibrateConfig(_Strict):
-    enabled: bool = Field(True, description="Recompute BatchNorm statistics for the final weights (PreciseBN / AdaBN).")
+    estimator: Literal["exact", "ema", "batch_mean"] = Field(
+        "exact", description="exact: each BN layer's input mean and unbiased variance over every calibration row, pooled "
+                             "over the workers in float64 (PreciseBN); ema: keep the running averages training left; "
+                             "batch_mean: the mean over mini-batches of each batch's mean and variance (the course formula).")
     split: Literal["train", "val"] = Field("train", description="Split whose rows re-estimate the statistics.")
+    rows: Optional[int] = Field(
+        None, ge=2, description="Calibration rows, a seeded random sample of the split; unset: 10,000, or the whole split "
+                                "when smaller. More than the split holds is an error.")
     batch_size: int = Field(256, ge=2, description="Mini-batch size of the calibration forward passes.")
-    max_rows: Optional[int] = Field(None, ge=2, description="Use at most this many calibration rows; null for the whole split.")
 
 
 class EvaluateConfig(_Strict):

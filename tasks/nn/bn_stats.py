@@ -1,15 +1,31 @@
-"""Re-estimate BatchNorm running statistics for fixed weights (PreciseBN, Wu & Johnson 2021).
+"""Re-estimate BatchNorm running statistics for fixed weights, on one process or pooled over ranks.
 
-Note that:
-  * The model runs in training mode, so every BN layer normalizes with the statistics of the
-    current batch, exactly as during training; each layer's input moments are recorded by a
-    forward pre-hook and merged over ALL batches with Chan's merge (``tasks.moments``). The result
-    is the population mean and unbiased variance of each layer's input -- "an average over all
-    mini-batches" rather than an exponentially weighted one, so it does not depend on momentum or
-    on how far training moved the weights since the early batches.
-  * Only BN buffers change: weights, biases and ``num_batches_tracked`` stay as they were, and
-    the model is put back in its original mode.
-  * Gradients are not computed.
+Estimators (``ESTIMATORS``):
+  * ``exact`` (PreciseBN, Wu & Johnson 2021): each BN layer's running mean and variance become the
+    mean and unbiased variance of that layer's input over EVERY calibration row, on every rank. Each
+    rank accumulates (count, mean, M2) per channel over its batches with Chan's merge in float64
+    (``tasks.moments``); ranks are merged count-weighted with one all-reduce per layer. Uneven and
+    empty shards are fine: an empty rank contributes count 0.
+  * ``batch_mean`` (the course's formula; Ioffe & Szegedy 2015, Alg. 2): the mean over mini-batches
+    (of all ranks) of each batch's mean and of each batch's unbiased variance. Every batch weighs the
+    same, whatever its size, and the spread BETWEEN batch means is left out, so the variance is
+    underestimated when batches differ (e.g. sorted by class). Kept for comparison.
+  * ``ema``: no pass at all: the running averages training left. Callers skip this function.
+
+The calibration forward (the contract the tests check):
+  * The chosen BN layers run in training mode, so each normalizes with the statistics of the
+    batch it sees, exactly as during training; every other module runs in eval mode (dropout off,
+    frozen BN layers normalize with their stored statistics). A layer's recorded input therefore
+    depends on the batches the calibration rows are cut into, not only on the set of rows: the
+    pooled statistics over N ranks equal the single-process statistics over the same batches.
+  * Batches are forwarded independently on each rank (plain BatchNorm, no collective in the
+    forward), so ranks with different numbers of batches, or none, never wait on one another.
+
+Hygiene: only the running mean/var buffers of the chosen layers change. ``num_batches_tracked``,
+momentum, every module's training flag, weights and biases are as they were afterwards. BN layers
+frozen on purpose -- affine parameters that do not require gradients, e.g. after
+``layer.requires_grad_(False)`` -- keep their statistics unless ``include_frozen``. Gradients are
+never computed. The result is bitwise identical on every rank (rank 0's buffers are broadcast).
 """
 
 from __future__ import annotations
@@ -22,51 +38,141 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tasks import moments
 
+ESTIMATORS = ("exact", "ema", "batch_mean")
+
+
+def is_frozen(layer: _BatchNorm) -> bool:
+    """A BN layer whose affine parameters exist and none of them requires a gradient."""
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def calibrated_layers(model: nn.Module, include_frozen: bool = False) -> list[_BatchNorm]:
+    """The BN layers whose statistics a calibration pass re-estimates, in module order."""
+    return [m for m in model.modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+            and (include_frozen or not is_frozen(m))]
+
 
 @torch.no_grad()
-def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Replace every BN layer's running mean/var by population statistics over ``batches``.
+def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator: str = "exact",
+                    include_frozen: bool = False, across_ranks: bool = True) -> int:
+    """Replace the running mean/var of ``model``'s BN layers with statistics of ``batches``.
 
     Args:
-        model: a model with plain (or single-process Sync) BatchNorm layers.
+        model: a model with plain BatchNorm layers (``tasks.nn.revert_sync_batchnorm`` first).
         batches: input tensors as the model's forward takes them; each must hold >= 2 rows.
+        estimator: ``exact`` or ``batch_mean`` (module docstring).
+        include_frozen: re-estimate frozen BN layers too.
+        across_ranks: pool over every rank of the default process group when one is initialized
+            (a collective: every rank must call this, with its own batches, possibly none).
 
     Returns:
-        The number of rows seen.
+        The number of calibration rows, summed over ranks.
 
     Raises:
-        ValueError: no batch, or a model without BatchNorm layers.
+        ValueError: an unknown estimator, no BN layer to calibrate, or no row on any rank (the model
+            is left untouched; every rank raises together).
     """
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if estimator not in ("exact", "batch_mean"):
+        raise ValueError(f"update_bn_stats: estimator {estimator!r} is not one of 'exact', 'batch_mean'")
+    layers = calibrated_layers(model, include_frozen)
     if not layers:
-        raise ValueError("update_bn_stats: the model has no BatchNorm layer with running statistics")
-    acc: dict[nn.Module, moments.Moments] = {}
+        raise ValueError("update_bn_stats: the model has no BatchNorm layer with running statistics to calibrate")
+    import torch.distributed as dist
 
-    def record(layer, inputs):
-        x = inputs[0]
-        m = moments.of_tensor(x, [0] + list(range(2, x.dim())))
-        acc[layer] = m if layer not in acc else moments.merge(acc[layer], m)
-
-    was_training = model.training
-    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
-    saved = [(layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()) for layer in layers]
+    pooled = across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    recorders = {layer: (_Exact(layer) if estimator == "exact" else _BatchMean(layer)) for layer in layers}
+    flags = {m: m.training for m in model.modules()}
+    saved = {layer: layer.num_batches_tracked.clone() for layer in layers}
+    old = {layer: (layer.running_mean.clone(), layer.running_var.clone()) for layer in layers}
+    hooks = [layer.register_forward_pre_hook(lambda layer, inputs: recorders[layer].add(inputs[0])) for layer in layers]
     rows = 0
     try:
-        model.train()
+        model.eval()
+        for layer in layers:
+            layer.train()
         for x in batches:
             model(x)
             rows += len(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
-    if rows == 0:
-        for layer, (rm, rv, nbt) in zip(layers, saved):
-            layer.running_mean.copy_(rm), layer.running_var.copy_(rv), layer.num_batches_tracked.copy_(nbt)
+        for m, training in flags.items():
+            m.training = training
+        for layer in layers:
+            layer.num_batches_tracked.copy_(saved[layer])
+    device = layers[0].running_mean.device
+    total = torch.tensor([float(rows)], dtype=torch.float64, device=device)
+    if pooled:
+        _sum(total)
+    if total.item() == 0:
+        for layer, (mean, var) in old.items():
+            layer.running_mean.copy_(mean), layer.running_var.copy_(var)
         raise ValueError("update_bn_stats: no calibration batches")
-    for layer, (_, _, nbt) in zip(layers, saved):
-        m = acc[layer]
-        layer.running_mean.copy_(m.mean.to(layer.running_mean.dtype))
-        layer.running_var.copy_(m.variance(ddof=1).to(layer.running_var.dtype))
-        layer.num_batches_tracked.copy_(nbt)
-    return rows
+    for layer, rec in recorders.items():
+        mean, var = rec.result(pooled)
+        layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+        layer.running_var.copy_(var.to(layer.running_var.dtype))
+    if pooled:  # one source of truth: every rank ends with rank 0's bits
+        flat = torch.cat([torch.cat([layer.running_mean.flatten(), layer.running_var.flatten()]) for layer in layers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for layer in layers:
+            for buf in (layer.running_mean, layer.running_var):
+                buf.copy_(flat[offset: offset + buf.numel()].view_as(buf))
+                offset += buf.numel()
+    return int(total.item())
+
+
+def _sum(tensor: torch.Tensor) -> None:
+    from tasks import collectives
+
+    collectives.sum_across_ranks(tensor)
+
+
+def _channels_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+class _Exact:
+    """(count, mean, M2) of every input row, merged per batch, then across ranks."""
+
+    def __init__(self, layer: _BatchNorm):
+        self.acc = None
+        self.layer_channels, self.device = layer.num_features, layer.running_mean.device
+
+    def add(self, x: torch.Tensor) -> None:
+        m = moments.of_tensor(x, _channels_dims(x))
+        self.acc = m if self.acc is None else moments.merge(self.acc, m)
+
+    def result(self, pooled: bool):
+        acc = self.acc
+        if acc is None:  # an empty rank still joins the all-reduce, with count 0
+            c = self.layer_channels
+            z = torch.zeros(c, dtype=torch.float64, device=self.device)
+            acc = moments.Moments(torch.zeros((), dtype=torch.float64, device=self.device), z, z.clone())
+        if pooled:
+            acc = moments.all_reduce(acc)
+        return acc.mean, acc.variance(ddof=1)
+
+
+class _BatchMean:
+    """Sum over batches of each batch's mean and unbiased variance, and the number of batches."""
+
+    def __init__(self, layer: _BatchNorm):
+        c = layer.num_features
+        self.buf = torch.zeros(2 * c + 1, dtype=torch.float64, device=layer.running_mean.device)
+        self.c = c
+
+    def add(self, x: torch.Tensor) -> None:
+        m = moments.of_tensor(x, _channels_dims(x))
+        self.buf[0] += 1
+        self.buf[1: self.c + 1] += m.mean
+        self.buf[self.c + 1:] += m.variance(ddof=1)
+
+    def result(self, pooled: bool):
+        if pooled:
+            _sum(self.buf)
+        k = torch.clamp(self.buf[0], min=1.0)
+        return self.buf[1: self.c + 1] / k, self.buf[self.c + 1:] / k

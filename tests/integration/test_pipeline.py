@@ -88,6 +88,40 @@ def test_artifacts_inputs_and_models(digits_run):
         assert (logits.argmax(1) == y).mean() >= 0.9
 
 
+def test_recalibration_on_two_workers_equals_one_process_over_the_same_batches(digits_run):
+    """The stage ran on the train stage's 2 workers; redo it in this process over the same batches."""
+    import torch
+
+    from schemas.artifacts import CheckpointState, Dataset
+    from schemas.config import RecalibrateConfig
+    from tasks import arrow_io
+    from tasks.nn.bn_stats import update_bn_stats
+    from tasks.nn.models import model_from_checkpoint
+    from tasks.recalibrate import batch_plan, read_rows
+
+    _, storage, _ = digits_run
+    run = storage / "itest-digits"
+    recal = CheckpointState.load(run / "recalibrate" / "checkpoint.pt")
+    data = Dataset.model_validate(json.loads((run / "normalize" / "manifest.json").read_text())["outputs"]["data"])
+    train_rows = data.split("train").rows
+    assert recal.recalibration == {"estimator": "exact", "split": "train", "rows": min(10_000, train_rows), "workers": 2}
+    files = arrow_io.split_files(data.split("train").path)
+    cfg = RecalibrateConfig()
+    plan = batch_plan([len(arrow_io.read_table(f)) for f in files], train_rows, cfg.batch_size, seed=0)
+    x = torch.from_numpy(read_rows(files, plan["file_rows"], plan["order"]))
+    model = model_from_checkpoint(CheckpointState.load(run / "train" / "checkpoint.pt")).double()
+    b = plan["bounds"]
+    update_bn_stats(model, [x[b[i]:b[i + 1]].double() for i in range(len(b) - 1)], across_ranks=False)
+    expect = model.state_dict()
+    trained = CheckpointState.load(run / "train" / "checkpoint.pt").model
+    for key, got in recal.model.items():
+        if key.endswith(("running_mean", "running_var")):
+            assert not torch.equal(got, trained[key]), key  # the stage did replace the training averages
+            assert torch.allclose(got.double(), expect[key], rtol=1e-5, atol=1e-6), key
+        else:
+            assert torch.equal(got, trained[key]), key  # weights and num_batches_tracked untouched
+
+
 def test_resume_skips_complete_stages_and_reopens_the_parent(digits_run, capsys):
     args, storage, client = digits_run
     before = {r.info.run_id for r in _runs(client, "itest", "itest-digits")}

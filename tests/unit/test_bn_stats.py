@@ -47,3 +47,56 @@ def test_no_batches_leaves_the_model_untouched():
         raise AssertionError("expected ValueError")
     assert torch.all(model[1].running_mean == 0.5)
 
+
+
+def _sorted_by_class_batches():
+    """Two classes far apart; batches hold one class each, as in a split sorted by label."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(64, 3, generator=g, dtype=torch.float64) + 4.0
+    return torch.cat([a, b]), list(torch.cat([a, b]).split(16))
+
+
+def test_batch_mean_underestimates_the_variance_of_class_sorted_batches_exact_does_not():
+    rows, batches = _sorted_by_class_batches()
+    true_var = rows.var(0, unbiased=True)  # identity before the BN: its input is the rows themselves
+    got = {}
+    for estimator in ("exact", "batch_mean"):
+        model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3)).double()
+        update_bn_stats(model, batches, estimator=estimator)
+        got[estimator] = model[1].running_var.clone()
+    assert torch.allclose(got["exact"], true_var, rtol=1e-12, atol=0)
+    # Within-class variance is ~1, between-class spread adds ~4: batch_mean misses it.
+    assert torch.all(got["batch_mean"] < 0.5 * true_var)
+
+
+def test_frozen_bn_layers_keep_their_statistics_unless_asked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3, bias=False),
+                          nn.BatchNorm1d(3)).double()
+    model[1].requires_grad_(False)  # frozen on purpose
+    model[1].running_mean.fill_(0.25)
+    model[1].running_var.fill_(2.0)
+    batches = [torch.randn(20, 4, dtype=torch.float64) + 1 for _ in range(3)]
+    update_bn_stats(model, batches)
+    assert torch.all(model[1].running_mean == 0.25) and torch.all(model[1].running_var == 2.0)
+    # The frozen layer normalized with its stored statistics during the pass (eval mode), so the
+    # next layer's input is computed with them.
+    with torch.no_grad():
+        model[1].eval()
+        z = [model[3](torch.relu(model[1](model[0](x)))) for x in batches]
+    assert torch.allclose(model[4].running_mean, torch.cat(z).mean(0), atol=1e-12)
+    update_bn_stats(model, batches, include_frozen=True)
+    with torch.no_grad():
+        z1 = torch.cat([model[0](x) for x in batches])
+    assert torch.allclose(model[1].running_var, z1.var(0, unbiased=True), atol=1e-12)
+
+
+def test_an_unknown_estimator_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    try:
+        update_bn_stats(model, [torch.randn(4, 3)], estimator="median")
+    except ValueError as e:
+        assert "median" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
