@@ -11,11 +11,30 @@ import hashlib
 import json
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShiftConfig(_Strict):
+    corruptions: list[Literal["gaussian_noise", "shot_noise", "impulse_noise", "brightness", "contrast", "gaussian_blur",
+                              "fog", "pixelate", "inverted"]] = Field(
+        ["gaussian_noise", "shot_noise", "impulse_noise", "brightness", "contrast", "gaussian_blur", "fog", "pixelate",
+         "inverted"], min_length=1,
+        description="Corruptions of the test images, each an extra split; inverted (1 - x) is a negative control with one level.")
+    severities: list[int] = Field([1, 2, 3, 4, 5], min_length=1, description="Severities 1-5 of every corruption but inverted.")
+    rows: int = Field(2000, ge=4, description="Test rows corrupted per split (the first ones of the test split).")
+    seed: int = Field(0, description="Seed of the random corruptions (noise, fog).")
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v):
+        bad = [s for s in v if s not in (1, 2, 3, 4, 5)]
+        if bad:
+            raise ValueError(f"severities must lie in 1..5, got {bad}")
+        return sorted(set(v))
 
 
 class DataConfig(_Strict):
@@ -35,6 +54,9 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training rows held out as the validation split.")
     max_train_rows: Optional[int] = Field(None, ge=10, description="Keep only this many training rows (before the val split); for quick runs and tests.")
     max_test_rows: Optional[int] = Field(None, ge=1, description="Keep only this many test rows; for quick runs and tests.")
+    shift: Optional[ShiftConfig] = Field(
+        None, description="Add corrupted copies of the test images as splits shift-<corruption>-<severity> (image data only), "
+                          "normalized with the clean train statistics; evaluate reports accuracy on each.")
 
 
 class NormalizeConfig(_Strict):
@@ -180,6 +202,7 @@ class RecalibrateConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     batch_size: int = Field(1024, ge=1, description="Inference batch size (does not affect results: BN uses running statistics).")
+    adapt_batch_size: int = Field(256, ge=2, description="Batch size of the BN re-estimation on each shifted split (data.shift).")
 
 
 class TrackingConfig(_Strict):

@@ -37,15 +37,19 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     feature_names = None
     if cfg.source == "fashion_mnist":
         (x_train, y_train), (x_test, y_test) = _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR))
-        image_shape = (1, 28, 28)
+        image_shape, pixel_max = (1, 28, 28), 255.0
     elif cfg.source == "digits":
         (x_train, y_train), (x_test, y_test) = _digits()
-        image_shape = (1, 8, 8)
+        image_shape, pixel_max = (1, 8, 8), 16.0
     else:
         if not cfg.path:
             raise DataError("data.path is not set: the parquet source needs a directory holding train/ and test/ Parquet")
         (x_train, y_train), (x_test, y_test), feature_names = _parquet(cfg)
         image_shape = cfg.image_shape
+        pixel_max = float(max(np.nanmax(x_train), 1e-12)) if len(x_train) else 1.0
+    if cfg.shift is not None and not image_shape:
+        raise DataError("data.shift: corruptions need image data; set data.image_shape for a parquet source of images "
+                        "or remove data.shift")
 
     rng = np.random.default_rng(seed)
     if cfg.max_train_rows is not None and cfg.max_train_rows < len(y_train):
@@ -67,9 +71,26 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     schema = arrow.example_schema(d, meta)
     parts = {"train": (x_train[train_idx], y_train[train_idx]), "val": (x_train[val_idx], y_train[val_idx]),
              "test": (x_test, y_test)}
+    if cfg.shift is not None:
+        parts.update(shifted_splits(cfg.shift, x_test, y_test, image_shape, pixel_max))
     splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
     return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape,
                    feature_names=feature_names)
+
+
+def shifted_splits(cfg, x_test: np.ndarray, y_test: np.ndarray, image_shape, pixel_max: float) -> dict:
+    """{split name: (features, labels)}: the first ``cfg.rows`` raw test images under every corruption
+    and severity of ``cfg`` (``tasks.shift``), in the raw pixel scale of the source."""
+    from tasks import shift
+
+    x = x_test[: cfg.rows].astype(np.float64).reshape(-1, *image_shape) / pixel_max
+    y = y_test[: cfg.rows]
+    out = {}
+    for corruption in cfg.corruptions:
+        for severity in ((1,) if corruption == "inverted" else cfg.severities):
+            bad = shift.corrupt(x, corruption, severity, cfg.seed) * pixel_max
+            out[shift.split_name(corruption, severity)] = (bad.reshape(len(y), -1).astype(np.float32), y)
+    return out
 
 
 def source_files(cfg: DataConfig) -> list[Path]:

@@ -52,13 +52,23 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
         mean = stats.mean.to(x.dtype)
         var_x = var.to(x.dtype)
+        c = mean.shape[0]
+        # The kernel normalizes with the mean rounded to x's dtype, off from the float64 mean by up to
+        # half an ulp of the mean (5e-4 at 1e4 in float32): every xhat is shifted by that times invstd.
+        # The shift is per channel, so it is undone exactly in the bias (here) and in the weight
+        # gradient (backward): O(C) work, and xhat carries no error from the mean's rounding.
+        rounding = stats.mean - mean.double()
+        invstd = torch.rsqrt(var + eps)
+        w64 = weight.double() if weight is not None else torch.ones(c, dtype=torch.float64, device=x.device)
+        b64 = bias.double() if bias is not None else torch.zeros(c, dtype=torch.float64, device=x.device)
+        folded_bias = (b64 - w64 * invstd * rounding).to(x.dtype)
         # The elementwise part is plain eval-mode batch norm with the global statistics: one fused
         # CPU kernel instead of several broadcasted passes.
         if x.numel() == 0:  # torch's CPU kernels divide by the element count
             y = x.clone()
         else:
-            y = F.batch_norm(x, mean, var_x, weight, bias, training=False, eps=eps)
-        ctx.save_for_backward(x, weight, mean, var_x)
+            y = F.batch_norm(x, mean, var_x, weight, folded_bias, training=False, eps=eps)
+        ctx.save_for_backward(x, weight, mean, var_x, rounding, invstd)
         ctx.eps = eps
         ctx.group = group
         ctx.count = n
@@ -66,7 +76,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, rounding, invstd64 = ctx.saved_tensors
         n = ctx.count
         c = mean.shape[0]
         # Eval-mode backward gives, in one kernel: g * w * invstd, and the local partial sums
@@ -78,6 +88,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_eval, gw_local, gb_local = torch.ops.aten.native_batch_norm_backward(
                 grad_out.contiguous(), x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
             )
+        # sum(g * xhat) with the exact xhat: the kernel's xhat is off by rounding * invstd per channel.
+        gw_local = (gw_local.double() - rounding * invstd64 * gb_local.double()).to(gw_local.dtype)
         grad_input = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat([gb_local, gw_local]).double()
@@ -89,7 +101,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # batch_norm of x with weight -slope/invstd and bias -shift.
             shift = w64 * invstd * sums[:c] / n
             slope = w64 * invstd * invstd * sums[c:] / n
-            correction = F.batch_norm(x, mean, var, (-slope / invstd).to(x.dtype), (-shift).to(x.dtype),
+            # (x - mean) with the float64 mean: the rounding of the kernel's mean folds into the bias.
+            correction = F.batch_norm(x, mean, var, (-slope / invstd).to(x.dtype), (-shift + slope * rounding).to(x.dtype),
                                       training=False, eps=ctx.eps)
             grad_input = grad_eval.add_(correction) if grad_eval is not grad_out else grad_eval + correction
         grad_weight = gw_local if weight is not None and ctx.needs_input_grad[1] else None
