@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--once", action="store_true", help="submit what is due now and exit (for a cron of your own)")
     sched.add_argument("--verbose", action="store_true", help="the jobs also show Ray's and MLflow's own logs")
     sub.choices["show-config"].add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
+    adapt = sub.add_parser("adapt", help="re-estimate a logged model's BatchNorm statistics on new unlabeled data (AdaBN)")
+    adapt.add_argument("--model", required=True, metavar="URI", help="the logged model, e.g. runs:/RUN_ID/model_recalibrated or models:/NAME@champion")
+    adapt.add_argument("--data", required=True, metavar="DIR", help="directory of Parquet files with the new rows' RAW features (labels not needed, never read)")
+    adapt.add_argument("--register", default=None, metavar="NAME", help="also register the adapted model under NAME (a new version)")
+    adapt.add_argument("--rows", type=int, default=None, help="rows to re-estimate from, a seeded random sample (default: 10,000 or all)")
+    adapt.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
+    adapt.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
+    adapt.add_argument("--experiment", default=None, help="MLflow experiment of the new run (default: the source run's)")
+    adapt.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    adapt.add_argument("--verbose", action="store_true", help="also show MLflow's own logs")
     return parser
 
 
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             return _submit(args)
         if args.command == "schedule":
             return _schedule(args)
+        if args.command == "adapt":
+            return _adapt(args)
         return _run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -110,6 +122,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {inner}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _adapt(args) -> int:
+    import mlflow
+
+    from pipeline import adapt
+    from pipeline.tracking import check_reachable, default_tracking_uri, ui_command
+    from tasks.console import say
+
+    for flag, value, low in (("--rows", args.rows, 2), ("--batch-size", args.batch_size, 2)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    _quiet_libraries(args.verbose)
+    uri = default_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    t0 = time.perf_counter()
+    done = adapt.adapt(args.model, args.data, register=args.register, rows=args.rows, batch_size=args.batch_size,
+                       seed=args.seed, experiment=args.experiment)
+    say(f"adapted {args.model} on {done.rows} rows of {args.data} in {time.perf_counter() - t0:.0f}s")
+    print(f"  model: {done.model_uri}" + (f"  (registered as {args.register} version {done.version})" if done.version else ""))
+    print(f"  MLflow run: {done.run_id}")
+    print(f"  {'see it at' if uri.startswith('http') else 'see it with'}: {ui_command(uri, done.experiment_id, done.run_id)}", flush=True)
+    return 0
 
 
 def _show_config(args) -> int:
@@ -275,6 +311,7 @@ def _quiet_libraries(verbose: bool) -> None:
         importlib.import_module(module)
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # bnflow prints the one link that matters
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars of model loads
     # (Ray's job SDK modules set their own loggers to INFO: name them, not their parent.)
     for name in ("mlflow", "ray.data", "ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk",
                  "ray.dashboard.modules.job.sdk"):

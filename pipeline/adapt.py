@@ -1,0 +1,169 @@
+"""``python -m pipeline adapt``: a logged model's BN statistics re-estimated on the user's unlabeled data (AdaBN).
+
+Li et al. (2016): when the inputs a deployed model meets have shifted, re-estimating every BN
+layer's statistics on rows of the new distribution -- no label, no gradient -- recovers much of the
+lost accuracy. The logged model takes RAW features and carries its training normalization inside;
+that normalization is applied as it is (never refitted), so only the BN statistics move. The adapted
+model is logged as a new MLflow run that links to the source run, and optionally registered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from schemas.errors import DataError, UserError
+
+DEFAULT_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class Adapted:
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    rows: int
+    version: Optional[str]
+
+
+def load_source(model_uri: str):
+    """(served model, model info) of ``model_uri``.
+
+    Raises:
+        UserError: the URI does not resolve to a bnflow model in the tracking store.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        model = mlflow.pytorch.load_model(model_uri)
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {model_uri}: cannot load it ({first}); give a logged bnflow model, e.g. "
+                        "runs:/RUN_ID/model_recalibrated or models:/NAME@ALIAS") from None
+    if not hasattr(model, "model") or not hasattr(model, "shift"):
+        raise UserError(f"--model {model_uri}: not a bnflow model (raw features in, normalization inside)")
+    return model, info
+
+
+def read_features(data_dir: str, feature_names: Optional[list[str]], num_features: int, column: str = "features") -> np.ndarray:
+    """Raw features of every Parquet file under ``data_dir`` as (N, num_features) float32. Labels are
+    never read. A model logged from a wide table takes its columns by name; otherwise one list
+    column (``column``) holds each row's features.
+
+    Raises:
+        DataError: no Parquet file or no row, a missing column, or a wrong feature count.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tasks import arrow_io
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"--data {data_dir}: not a directory; give the directory holding the new rows as Parquet files")
+    files = sorted(str(f) for f in root.rglob("*.parquet"))
+    if not files:
+        raise DataError(f"--data {data_dir}: no .parquet file in it; write the new rows there as Parquet")
+    parts = []
+    for f in files:
+        names = arrow_io.read_schema(f).names
+        if feature_names:
+            missing = [c for c in feature_names if c not in names]
+            if missing:
+                raise DataError(f"{f}: lacks feature column '{missing[0]}' the model was trained with; "
+                                f"the model takes columns {feature_names[:5]}{'...' if len(feature_names) > 5 else ''}")
+            table = arrow_io.read_table(f, columns=feature_names)
+            x = np.column_stack([pc.cast(table.column(c), pa.float32()).to_numpy(zero_copy_only=False) for c in feature_names])
+        else:
+            if column not in names:
+                raise DataError(f"{f}: no '{column}' column; the model takes one list column '{column}' of {num_features} "
+                                f"features per row (columns here: {names[:6]})")
+            table = arrow_io.read_table(f, columns=[column])
+            col = table.column(column).combine_chunks()
+            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+            if len(lengths) and (lengths.min() != num_features or lengths.max() != num_features):
+                bad = int(lengths[lengths != num_features][0])
+                raise DataError(f"{f}: rows of {bad} features in '{column}'; the model takes {num_features}")
+            x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, num_features)
+        parts.append(x.astype(np.float32, copy=False))
+    x = np.concatenate(parts)
+    if len(x) < 2:
+        raise DataError(f"--data {data_dir}: {len(x)} row(s); BN statistics need at least 2 rows")
+    if not np.isfinite(x).all():
+        raise DataError(f"--data {data_dir}: {int((~np.isfinite(x)).any(axis=1).sum())} row(s) hold NaN or inf; clean or drop them")
+    return x
+
+
+def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: Optional[int] = None,
+          batch_size: int = 256, seed: int = 0, experiment: Optional[str] = None) -> Adapted:
+    """Re-estimate ``model_uri``'s BN statistics (estimator ``exact``) on rows of ``data_dir`` and log
+    the result as a new run. ``rows``: a seeded random sample (default 10,000 or all when fewer).
+
+    Raises:
+        UserError: a model that does not load, data that breaks the contract, more rows than exist.
+    """
+    import copy
+
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    from pipeline.tracking import PROJECT_ROOT, source_tags
+    from tasks.nn.bn_stats import update_bn_stats
+
+    source, info = load_source(model_uri)
+    spec_names = _feature_names(info)
+    num_features = int(source.shift.numel())
+    x = read_features(data_dir, spec_names, num_features)
+    if rows is not None and rows > len(x):
+        raise DataError(f"--rows {rows}: {data_dir} holds only {len(x)} rows; lower --rows or leave it unset")
+    n = rows if rows is not None else min(DEFAULT_ROWS, len(x))
+    order = np.random.default_rng(seed).permutation(len(x))[:n]
+    batches = torch.from_numpy(x[order]).split(batch_size)
+    if len(batches) > 1 and len(batches[-1]) == 1:  # a single row has no batch statistics
+        batches = batches[:-2] + (torch.cat(batches[-2:]),)
+    model = copy.deepcopy(source)
+    update_bn_stats(model, batches, across_ranks=False)
+    model.eval()
+
+    client = mlflow.MlflowClient()
+    src_run = client.get_run(info.run_id) if info.run_id else None
+    experiment_id = (mlflow.set_experiment(experiment).experiment_id if experiment
+                     else src_run.info.experiment_id if src_run else mlflow.set_experiment("bnflow").experiment_id)
+    example = x[:2]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(example)).numpy()
+    if spec_names:
+        import pandas as pd
+
+        example = pd.DataFrame(example, columns=spec_names)
+    tags = {**source_tags(), "bnflow.stage": "adapt", "bnflow.adapted_from_model": model_uri,
+            "bnflow.adapted_from_run": info.run_id or "",
+            "mlflow.note.content": f"BN statistics of {model_uri} re-estimated on {n} unlabeled rows of {data_dir} (AdaBN)."}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"adapt-{Path(data_dir).name}", tags=tags) as run:
+        mlflow.log_params({"adapt.model": model_uri, "adapt.data": str(Path(data_dir).resolve()), "adapt.rows": n,
+                           "adapt.batch_size": batch_size, "adapt.seed": seed, "adapt.estimator": "exact"})
+        # MLflow prints "Successfully registered model ..." itself; the caller says it once.
+        with contextlib.redirect_stderr(io.StringIO()):
+            logged = mlflow.pytorch.log_model(
+                model, name="model_adapted", signature=infer_signature(example, logits), input_example=example,
+                serialization_format="pickle", code_paths=[str(PROJECT_ROOT / "tasks"), str(PROJECT_ROOT / "schemas")],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic", "pyarrow"],
+                registered_model_name=register)
+    version = str(logged.registered_model_version) if register and getattr(logged, "registered_model_version", None) else None
+    return Adapted(run.info.run_id, experiment_id, f"runs:/{run.info.run_id}/model_adapted", n, version)
+
+
+def _feature_names(info) -> Optional[list[str]]:
+    """Column names of a model logged from a wide table (its DataFrame signature), else None."""
+    sig = info.signature
+    if sig is None or sig.inputs is None or not sig.inputs.has_input_names():
+        return None
+    return sig.inputs.input_names()
