@@ -29,7 +29,8 @@ def digits_run(mlflow_server, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     args = ["run", "--recipe", "digits", "--run-id", "itest-digits", "--set", f"storage={storage}",
             "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
-            "--set", f"train.epochs={EPOCHS}"]
+            "--set", f"train.epochs={EPOCHS}", "--set", "data.shift.corruptions=[brightness, inverted]",
+            "--set", "data.shift.severities=[5]", "--set", "data.shift.rows=200"]
     assert main(args) == 0
     return args, storage, MlflowClient(mlflow_server)
 
@@ -120,6 +121,85 @@ def test_recalibration_on_two_workers_equals_one_process_over_the_same_batches(d
             assert torch.allclose(got.double(), expect[key], rtol=1e-5, atol=1e-6), key
         else:
             assert torch.equal(got, trained[key]), key  # weights and num_batches_tracked untouched
+
+
+def test_shifted_splits_are_scored_for_three_models_and_adaptation_undoes_brightness(digits_run):
+    _, _, client = digits_run
+    ev = next(r for r in _runs(client, "itest", "itest-digits") if r.data.tags[TAG_STAGE] == "evaluate")
+    assert {"shift_accuracy.csv", "shift_accuracy.png"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
+    m = ev.data.metrics
+    # Brightness +0.5 of the pixel range, adapted on one half of the split, scored on the other.
+    assert m["shift_accuracy_sev5_adapted"] >= m["shift_accuracy_sev5_trained"] + 0.3
+    assert m["shift_accuracy_clean_adapted"] >= 0.85  # adapting to clean rows costs little
+    assert {"shift_accuracy_inverted_trained", "shift_accuracy_inverted_adapted"} <= set(m)  # the control, reported
+
+
+def test_adapt_reestimates_a_logged_models_statistics_on_unlabeled_rows(digits_run, mlflow_server, tmp_path, capsys):
+    import mlflow
+    import torch
+    from sklearn.datasets import load_digits
+
+    _, _, client = digits_run
+    recal = next(r for r in _runs(client, "itest", "itest-digits") if r.data.tags[TAG_STAGE] == "recalibrate")
+    uri = f"runs:/{recal.info.run_id}/model_recalibrated"
+    digits = load_digits()
+    x = np.clip(digits.data + 6.0, 0, 16).astype(np.float32)  # brighter: a covariate shift, no label column
+    (tmp_path / "new").mkdir()
+    pq.write_table(pa.table({"features": pa.array(list(x[:900]))}), tmp_path / "new" / "a.parquet")
+    pq.write_table(pa.table({"features": pa.array(list(x[900:1200]))}), tmp_path / "new" / "b.parquet")
+
+    args = ["adapt", "--model", uri, "--data", str(tmp_path / "new"), "--tracking-uri", mlflow_server,
+            "--register", "itest-adapted", "--rows", "1000"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    run_id = out.split("MLflow run: ")[1].split()[0]
+    run = client.get_run(run_id)
+    assert run.data.tags["bnflow.adapted_from_run"] == recal.info.run_id and run.data.tags["bnflow.adapted_from_model"] == uri
+    assert client.get_model_version("itest-adapted", "1").run_id == run_id
+
+    mlflow.set_tracking_uri(mlflow_server)
+    source = mlflow.pytorch.load_model(uri)
+    adapted = mlflow.pytorch.load_model(f"runs:/{run_id}/model_adapted")
+    # Independent float64 check of the first BN layer: its input is Linear(normalized rows), whatever
+    # the batches; the rows are adapt's seeded sample.
+    rows = torch.from_numpy(x[:1200][np.random.default_rng(0).permutation(1200)[:1000]]).double()
+    z = ((rows - source.shift.double()) * source.inv_scale.double()) @ source.model.body[0].weight.double().T
+    bn = adapted.model.body[1]
+    assert torch.allclose(bn.running_mean.double(), z.mean(0), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(bn.running_var.double(), z.var(0, unbiased=True), rtol=1e-5, atol=1e-5)
+    assert torch.equal(adapted.shift, source.shift)  # the model's own normalization, never refitted
+    keep = [k for k in source.state_dict() if "running" not in k]
+    assert all(torch.equal(source.state_dict()[k], adapted.state_dict()[k]) for k in keep)
+    with torch.no_grad():  # and it helps: accuracy on the shifted rows it was adapted on
+        acc = {name: float((m(torch.from_numpy(x)).argmax(1).numpy() == digits.target).mean())
+               for name, m in (("source", source.eval()), ("adapted", adapted.eval()))}
+    assert acc["adapted"] >= acc["source"] + 0.2, acc
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty", "no .parquet file in it"),
+    ("column", "no 'features' column"),
+    ("count", "rows of 3 features in 'features'; the model takes 64"),
+    ("rows", "--rows 5000: "),
+])
+def test_adapt_bad_input_is_one_line_and_exit_2(digits_run, mlflow_server, tmp_path, capsys, case, words):
+    _, _, client = digits_run
+    recal = next(r for r in _runs(client, "itest", "itest-digits") if r.data.tags[TAG_STAGE] == "recalibrate")
+    d = tmp_path / "new"
+    d.mkdir()
+    if case == "column":
+        pq.write_table(pa.table({"pixels": pa.array([[0.0] * 64] * 4)}), d / "a.parquet")
+    elif case == "count":
+        pq.write_table(pa.table({"features": pa.array([[0.0] * 3] * 4)}), d / "a.parquet")
+    elif case == "rows":
+        pq.write_table(pa.table({"features": pa.array([[0.0] * 64] * 4)}), d / "a.parquet")
+    args = ["adapt", "--model", f"runs:/{recal.info.run_id}/model_recalibrated", "--data", str(d),
+            "--tracking-uri", mlflow_server] + (["--rows", "5000"] if case == "rows" else [])
+    before = len(client.search_runs([recal.info.experiment_id]))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert len(client.search_runs([recal.info.experiment_id])) == before  # nothing logged
 
 
 def test_resume_skips_complete_stages_and_reopens_the_parent(digits_run, capsys):
