@@ -13,9 +13,10 @@ Estimators (``ESTIMATORS``):
   * ``ema``: no pass at all: the running averages training left. Callers skip this function.
 
 The calibration forward (the contract the tests check):
-  * The chosen BN layers run in training mode, so each normalizes with the statistics of the
-    batch it sees, exactly as during training; every other module runs in eval mode (dropout off,
-    frozen BN layers normalize with their stored statistics). A layer's recorded input therefore
+  * The chosen BN layers normalize with the statistics of the batch they see, as in training mode
+    (the batch's mean and biased variance, computed once in float64 and also recorded); every
+    module, these included, is in eval mode (dropout off, frozen BN layers normalize with their
+    stored statistics, no buffer moves during the pass). A layer's recorded input therefore
     depends on the batches the calibration rows are cut into, not only on the set of rows: the
     pooled statistics over N ranks equal the single-process statistics over the same batches.
   * Batches are forwarded independently on each rank (plain BatchNorm, no collective in the
@@ -84,24 +85,20 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator
     pooled = across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     recorders = {layer: (_Exact(layer) if estimator == "exact" else _BatchMean(layer)) for layer in layers}
     flags = {m: m.training for m in model.modules()}
-    saved = {layer: layer.num_batches_tracked.clone() for layer in layers}
     old = {layer: (layer.running_mean.clone(), layer.running_var.clone()) for layer in layers}
-    hooks = [layer.register_forward_pre_hook(lambda layer, inputs: recorders[layer].add(inputs[0])) for layer in layers]
     rows = 0
     try:
-        model.eval()
+        model.eval()  # dropout off; frozen BN layers normalize with their stored statistics
         for layer in layers:
-            layer.train()
+            layer.forward = _calibrating_forward(layer, recorders[layer])
         for x in batches:
             model(x)
             rows += len(x)
     finally:
-        for h in hooks:
-            h.remove()
+        for layer in layers:
+            del layer.forward  # back to the class's forward
         for m, training in flags.items():
             m.training = training
-        for layer in layers:
-            layer.num_batches_tracked.copy_(saved[layer])
     device = layers[0].running_mean.device
     total = torch.tensor([float(rows)], dtype=torch.float64, device=device)
     if pooled:
@@ -125,6 +122,22 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator
     return int(total.item())
 
 
+def _calibrating_forward(layer: _BatchNorm, recorder):
+    """``layer``'s forward during calibration: normalize with the batch's own statistics (as training
+    mode does), computed once, in float64, and handed to ``recorder``. The layer stays in eval mode,
+    so its buffers and ``num_batches_tracked`` are not touched during the pass. Costs one moments
+    pass plus eval-mode BN: no second statistics pass inside a train-mode BN kernel."""
+    import torch.nn.functional as F
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        m = moments.of_tensor(x, _channels_dims(x))
+        recorder.add(m)
+        var = m.m2 / torch.clamp(m.count, min=1.0)  # biased, as BN normalizes
+        return F.batch_norm(x, m.mean.to(x.dtype), var.to(x.dtype), layer.weight, layer.bias, False, 0.0, layer.eps)
+
+    return forward
+
+
 def _sum(tensor: torch.Tensor) -> None:
     from tasks import collectives
 
@@ -142,8 +155,7 @@ class _Exact:
         self.acc = None
         self.layer_channels, self.device = layer.num_features, layer.running_mean.device
 
-    def add(self, x: torch.Tensor) -> None:
-        m = moments.of_tensor(x, _channels_dims(x))
+    def add(self, m: moments.Moments) -> None:
         self.acc = m if self.acc is None else moments.merge(self.acc, m)
 
     def result(self, pooled: bool):
@@ -165,8 +177,7 @@ class _BatchMean:
         self.buf = torch.zeros(2 * c + 1, dtype=torch.float64, device=layer.running_mean.device)
         self.c = c
 
-    def add(self, x: torch.Tensor) -> None:
-        m = moments.of_tensor(x, _channels_dims(x))
+    def add(self, m: moments.Moments) -> None:
         self.buf[0] += 1
         self.buf[1: self.c + 1] += m.mean
         self.buf[self.c + 1:] += m.variance(ddof=1)
