@@ -193,7 +193,10 @@ class RecalibrateConfig(_Strict):
         "exact", description="exact: each BN layer's input mean and unbiased variance over every calibration row, pooled "
                              "over the workers in float64 (PreciseBN); ema: keep the running averages training left; "
                              "batch_mean: the mean over mini-batches of each batch's mean and variance (the course formula).")
-    split: Literal["train", "val"] = Field("train", description="Split whose rows re-estimate the statistics.")
+    split: str = Field(
+        "train", min_length=1,
+        description="Split whose rows re-estimate the statistics: train (PreciseBN), val, or a shifted split "
+                    "shift-<corruption>-<severity> of data.shift (AdaBN on that target; its labels are never read).")
     rows: Optional[int] = Field(
         None, ge=2, description="Calibration rows, a seeded random sample of the split; unset: 10,000, or the whole split "
                                 "when smaller. More than the split holds is an error.")

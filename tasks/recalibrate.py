@@ -32,22 +32,26 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
     calibration rows of ``cfg.split`` (normalized like training data), without the optimizer state.
 
     Raises:
-        DataError: more calibration rows asked for than the split holds, or calibration files that
-            break the contract or cannot be read.
+        DataError: a split the run does not have, more calibration rows than the split holds, or
+            calibration files that break the contract or cannot be read.
     """
     state = CheckpointState.load(checkpoint.path)
     info = {"estimator": cfg.estimator, "split": cfg.split, "rows": 0}
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CHECKPOINT_FILE
     if cfg.estimator == "ema":
+        out_dir.mkdir(parents=True, exist_ok=True)
         _strip(state, info).save(path)
     else:
+        if cfg.split not in data.splits:
+            raise DataError(f"recalibrate.split={cfg.split!r}: the run has no such split; use one of "
+                            f"{', '.join(sorted(data.splits))}")
         split = data.split(cfg.split)
         files = arrow_io.check_split(split.path, arrow.example_schema(data.num_features),
                                      where=f"recalibrate input split '{cfg.split}'")
         rows = calibration_rows(cfg, split.rows)
         plan = batch_plan([pq.ParquetFile(f).metadata.num_rows for f in files], rows, cfg.batch_size, seed)
         train_cfg = TrainConfig.model_validate(state.config)
+        out_dir.mkdir(parents=True, exist_ok=True)
         with Progress("recalibrate", total=rows, unit="rows") as bar:
             _on_workers(train_cfg, cfg, checkpoint.path, files, plan, info, path)
             bar.update(rows)

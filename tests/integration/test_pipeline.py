@@ -122,6 +122,17 @@ def test_recalibration_on_two_workers_equals_one_process_over_the_same_batches(d
         else:
             assert torch.equal(got, trained[key]), key  # weights and num_batches_tracked untouched
 
+    from schemas.artifacts import Checkpoint
+    from schemas.errors import DataError
+    from tasks.recalibrate import recalibrate
+
+    ckpt = Checkpoint.model_validate(json.loads((run / "train" / "manifest.json").read_text())["outputs"]["trained"])
+    with pytest.raises(DataError, match=r"recalibrate.split='shift-fog-5': the run has no such split; use one of "
+                                        r"shift-brightness-5, shift-inverted-1, test, train, val"):
+        recalibrate(RecalibrateConfig(split="shift-fog-5"), ckpt, data, run / "unused", seed=0)
+    with pytest.raises(DataError, match=r"recalibrate.rows=5000: split 'train' holds only"):
+        recalibrate(RecalibrateConfig(rows=5000), ckpt, data, run / "unused", seed=0)
+
 
 def test_shifted_splits_are_scored_for_three_models_and_adaptation_undoes_brightness(digits_run):
     _, _, client = digits_run
