@@ -152,6 +152,7 @@ def _plot_shift(table: list[dict], recal_label: str, path: Path) -> str:
         for tag, style in zip(SHIFT_MODELS, ("o-", "s--", "^-")):
             ax.plot(sev, [r[f"accuracy_{tag}"] for r in rows], style, label=labels[tag])
         ax.set_title(corruption)
+        ax.set_xticks(sev)
         ax.set_xlabel("severity (0 = clean)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
