@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def _args(run_id, storage, uri, *extra, epochs=EPOCHS):
     return ["run", "--recipe", "digits", "--run-id", run_id, "--set", f"storage={storage}",
             "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=reliability",
-            "--set", f"train.epochs={epochs}", *extra]
+            "--set", f"train.epochs={epochs}",
+            # Training's reliability is under test here; the recalibrate stage's workers (a second
+            # Ray Train worker group, ~10 s each time) are tested in test_pipeline and test_console.
+            "--set", "recalibrate.estimator=ema", *extra]
 
 
 def _runs(uri, run_id):

@@ -47,7 +47,7 @@ def _jobs(address, token):
 
 def test_a_slot_runs_once_and_its_retry_starts_nothing(head, mlflow_server, tmp_path):
     address, token = head
-    common = ["--set", "train.epochs=2", "--set", f"storage={tmp_path}", "--set", f"tracking.uri={mlflow_server}",
+    common = ["--set", "train.epochs=2", "--set", "recalibrate.estimator=ema", "--set", f"storage={tmp_path}", "--set", f"tracking.uri={mlflow_server}",
               "--set", "tracking.experiment=submit", "--slot", "2026-11-24T02:00Z", "--schedule", "nightly"]
     code, out, err = _submit(address, *common, token=token)
     assert code == 0, out + err
