@@ -3,8 +3,9 @@
 The stage runs on the train stage's workers (same count, CPUs and GPUs, read from the checkpoint's
 train config). The driver draws the calibration rows (a seeded random sample of the split, in random
 order) and cuts them into batches; each worker reads the Parquet files holding its contiguous run of
-batches with pyarrow, runs them through the network (``tasks.nn.bn_stats``: train-mode BN, dropout
-off) and the per-channel moments are pooled over every worker in float64. Rank 0 writes the
+batches with pyarrow, runs them through the network (``tasks.nn.bn_stats``: each BN layer normalizes
+with its batch's own statistics, dropout off) and the per-channel moments are pooled over every
+worker in float64. Rank 0 writes the
 checkpoint. The batches do not depend on the worker count, so 1, 2 or 3 workers give the same
 statistics up to float64 rounding.
 """
@@ -118,7 +119,7 @@ def _on_workers(train_cfg: TrainConfig, cfg: RecalibrateConfig, checkpoint_path:
     from ray.train.torch import TorchTrainer
 
     from tasks.rendezvous import ScopedTorchConfig
-    from tasks.train import _fit
+    from tasks.train import fit_interruptibly
 
     trainer = TorchTrainer(
         _calibrate_loop,
@@ -131,7 +132,7 @@ def _on_workers(train_cfg: TrainConfig, cfg: RecalibrateConfig, checkpoint_path:
         run_config=RunConfig(name="ray_recalibrate", storage_path=str(out_path.parent.resolve()),
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
-    _fit(trainer, lambda: None)
+    fit_interruptibly(trainer, lambda: None)
 
 
 def _calibrate_loop(config: dict) -> None:

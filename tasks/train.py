@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     with Progress("train", total=None, unit="step") as bar:
-        result = _fit(trainer, _ProgressWatch(progress, cfg.epochs, bar))
+        result = fit_interruptibly(trainer, _ProgressWatch(progress, cfg.epochs, bar))
     if diverged.exists():
         raise TrainingDiverged(diverged.read_text().strip())
     with result.checkpoint.as_directory() as d:
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
             TrainHistory(path=str(out_dir / "history.json"), epochs=state.history))
 
 
-def _fit(trainer, watch: Callable[[], None]):
+def fit_interruptibly(trainer, watch: Callable[[], None]):
     """``trainer.fit()`` in a helper thread, calling ``watch`` twice a second meanwhile. On the main
     thread Ray Train installs its own SIGINT handler, which aborts the run and exits the process with
     a code of its own; from a helper thread Ctrl-C stays a KeyboardInterrupt in the caller, which
