@@ -96,7 +96,7 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator
             rows += len(x)
     finally:
         for layer in layers:
-            del layer.forward  # back to the class's forward
+            layer.__dict__.pop("forward", None)  # back to the class's forward
         for m, training in flags.items():
             m.training = training
     device = layers[0].running_mean.device
