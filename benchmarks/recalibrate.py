@@ -17,17 +17,16 @@ Writes benchmarks/results/recalibrate.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks import ranks
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recalibrate.json"
 WORKERS = 2
@@ -50,12 +49,7 @@ def _model():
     return build_model(ModelConfig(kind="lenet", init="kaiming"), 784, 10, (1, 28, 28))
 
 
-def _worker(rank: int, port: int, args, queue) -> None:
-    import os
-
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+def _worker(rank: int, world: int, args) -> dict:
     from tasks.nn.bn_stats import update_bn_stats
 
     x = _rows(args.rows)
@@ -77,10 +71,7 @@ def _worker(rank: int, port: int, args, queue) -> None:
             fn()
             dist.barrier()  # a pass ends when the slowest rank ends (pooling waits for it anyway)
             times[name].append(time.perf_counter() - t0)
-    buf = io.BytesIO()
-    torch.save(times, buf)
-    queue.put((rank, buf.getvalue()))
-    dist.destroy_process_group()
+    return times
 
 
 @torch.no_grad()
@@ -95,18 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, args, queue)) for r in range(WORKERS)]
-    for p in procs:
-        p.start()
-    per_rank = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=1800) for _ in procs)}
-    for p in procs:
-        p.join()
-    times = per_rank[0]  # barriers make every rank's times the same passes
+    times = ranks.run(_worker, WORKERS, args)[0]  # barriers make every rank's times the same passes
     median = {name: statistics.median(t) for name, t in times.items()}
     rows_per_s = {name: args.rows / m for name, m in median.items()}
     result = {

@@ -13,11 +13,9 @@ Writes benchmarks/results/syncbn.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -25,9 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks import ranks
 
 RESULTS = Path(__file__).resolve().parent / "results" / "syncbn.json"
 WORKERS = 2
@@ -102,10 +101,7 @@ def _micro(rank, reps=20):
     return out
 
 
-def _worker(rank, port, args, queue):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(THREADS)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+def _worker(rank, world, args):
     x, y = _fashion_mnist(20000)
     shard = slice(rank, None, WORKERS)
     x, y = x[shard], y[shard]
@@ -122,11 +118,7 @@ def _worker(rank, port, args, queue):
         for k in order:
             dist.barrier()
             times[k] += _step_times(models[k], opts[k], x, y, args.batch_size, BLOCK, block * BLOCK)
-    result = {"times": times, "micro": _micro(rank)}
-    buf = io.BytesIO()
-    torch.save(result, buf)
-    queue.put((rank, buf.getvalue()))
-    dist.destroy_process_group()
+    return {"times": times, "micro": _micro(rank)}
 
 
 def main(argv=None):
@@ -134,17 +126,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128, help="per worker")
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, args, queue)) for r in range(WORKERS)]
-    for proc in procs:
-        proc.start()
-    results = {r: torch.load(io.BytesIO(b)) for r, b in (queue.get(timeout=1800) for _ in procs)}
-    for proc in procs:
-        proc.join()
+    results = dict(enumerate(ranks.run(_worker, WORKERS, args, threads=THREADS)))
     # A DDP step ends when the slowest rank ends: take the per-step max over ranks.
     step = {k: [max(t) for t in zip(*(results[r]["times"][k] for r in results))] for k in ("local", "sync")}
     med = {k: statistics.median(v) for k, v in step.items()}
