@@ -113,10 +113,10 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
 
     import mlflow
     import torch
-    from mlflow.models import infer_signature
 
-    from pipeline.tracking import PROJECT_ROOT, source_tags
+    from pipeline.tracking import log_served_model, source_tags
     from tasks.nn.bn_stats import update_bn_stats
+    from tasks.recalibrate import batch_plan
 
     source, info = load_source(model_uri)
     spec_names = _feature_names(info)
@@ -125,25 +125,16 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
     if rows is not None and rows > len(x):
         raise DataError(f"--rows {rows}: {data_dir} holds only {len(x)} rows; lower --rows or leave it unset")
     n = rows if rows is not None else min(DEFAULT_ROWS, len(x))
-    order = np.random.default_rng(seed).permutation(len(x))[:n]
-    batches = torch.from_numpy(x[order]).split(batch_size)
-    if len(batches) > 1 and len(batches[-1]) == 1:  # a single row has no batch statistics
-        batches = batches[:-2] + (torch.cat(batches[-2:]),)
+    plan = batch_plan([len(x)], n, batch_size, seed)  # the recalibrate stage's sample and batches
+    rows_in_order, b = torch.from_numpy(x[plan["order"]]), plan["bounds"]
     model = copy.deepcopy(source)
-    update_bn_stats(model, batches, across_ranks=False)
+    update_bn_stats(model, (rows_in_order[b[i]:b[i + 1]] for i in range(len(b) - 1)), across_ranks=False)
     model.eval()
 
     client = mlflow.MlflowClient()
     src_run = client.get_run(info.run_id) if info.run_id else None
     experiment_id = (mlflow.set_experiment(experiment).experiment_id if experiment
                      else src_run.info.experiment_id if src_run else mlflow.set_experiment("bnflow").experiment_id)
-    example = x[:2]
-    with torch.no_grad():
-        logits = model(torch.from_numpy(example)).numpy()
-    if spec_names:
-        import pandas as pd
-
-        example = pd.DataFrame(example, columns=spec_names)
     tags = {**source_tags(), "bnflow.stage": "adapt", "bnflow.adapted_from_model": model_uri,
             "bnflow.adapted_from_run": info.run_id or "",
             "mlflow.note.content": f"BN statistics of {model_uri} re-estimated on {n} unlabeled rows of {data_dir} (AdaBN)."}
@@ -152,11 +143,7 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
                            "adapt.batch_size": batch_size, "adapt.seed": seed, "adapt.estimator": "exact"})
         # MLflow prints "Successfully registered model ..." itself; the caller says it once.
         with contextlib.redirect_stderr(io.StringIO()):
-            logged = mlflow.pytorch.log_model(
-                model, name="model_adapted", signature=infer_signature(example, logits), input_example=example,
-                serialization_format="pickle", code_paths=[str(PROJECT_ROOT / "tasks"), str(PROJECT_ROOT / "schemas")],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic", "pyarrow"],
-                registered_model_name=register)
+            logged = log_served_model(model, "model_adapted", num_features, spec_names, register)
     version = str(logged.registered_model_version) if register and getattr(logged, "registered_model_version", None) else None
     return Adapted(run.info.run_id, experiment_id, f"runs:/{run.info.run_id}/model_adapted", n, version)
 

@@ -80,6 +80,31 @@ def ui_command(uri: str, experiment_id: str = "", run_id: str = "") -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
+def log_served_model(model, name: str, num_features: int, feature_names: Optional[list[str]] = None,
+                     registered_model_name: Optional[str] = None):
+    """Log a served model (raw features in, logits out) in the active MLflow run, with a signature
+    that takes a wide table's columns by name; returns MLflow's ModelInfo."""
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    example = np.zeros((2, num_features), dtype=np.float32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(example)).numpy()
+    if feature_names:  # a wide table: columns by name, so a caller's column order cannot matter
+        import pandas as pd
+
+        example = pd.DataFrame(example, columns=feature_names)
+    return mlflow.pytorch.log_model(
+        model, name=name, signature=infer_signature(example, logits), input_example=example,
+        # pickle, not pt2: a traced graph would pin the batch size of the example.
+        serialization_format="pickle",
+        code_paths=[str(PROJECT_ROOT / "tasks"), str(PROJECT_ROOT / "schemas")],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic", "pyarrow"],
+        registered_model_name=registered_model_name,
+    )
+
+
 def source_tags() -> dict[str, str]:
     """MLflow's standard source, user and git-commit tags, as MLflow's fluent API would set them."""
     import getpass
@@ -341,29 +366,10 @@ class _StageRun:
         self.client.log_inputs(self.run_id, datasets=inputs)
 
     def _log_model(self, name: str, ckpt: A.Checkpoint) -> None:
-        import numpy as np
-        import torch
-        from mlflow.models import infer_signature
-
         from tasks.nn.models import served_model
 
         state = A.CheckpointState.load(ckpt.path)
-        model = served_model(state)
-        example = np.zeros((2, state.spec.num_features), dtype=np.float32)
-        with torch.no_grad():
-            logits = model(torch.from_numpy(example)).numpy()
-        if state.spec.feature_names:  # a wide table: columns by name, so a caller's column order cannot matter
-            import pandas as pd
-
-            example = pd.DataFrame(example, columns=state.spec.feature_names)
         self.client.log_artifact(self.run_id, ckpt.path, artifact_path=f"checkpoints/{name}")
         register = self.tracker.cfg.tracking.register_model if name == "recalibrated" else None
         with mlflow.start_run(run_id=self.run_id, nested=True):
-            mlflow.pytorch.log_model(
-                model, name=f"model_{name}", signature=infer_signature(example, logits), input_example=example,
-                # pickle, not pt2: a traced graph would pin the batch size of the example.
-                serialization_format="pickle",
-                code_paths=[str(PROJECT_ROOT / "tasks"), str(PROJECT_ROOT / "schemas")],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic", "pyarrow"],
-                registered_model_name=register,
-            )
+            log_served_model(served_model(state), f"model_{name}", state.spec.num_features, state.spec.feature_names, register)
