@@ -1,9 +1,16 @@
-"""The default recipe through the whole pipeline vs a plain PyTorch DDP script of the same training.
+"""The default recipe through the whole pipeline vs a plain PyTorch DDP script of the same training,
+with where each one's seconds go.
 
 Plain DDP: 2 processes x 1 thread, gloo on loopback, Fashion-MNIST read from the IDX files and
 z-scored with train statistics, the same LeNet-BN, optimizer, schedule, batch size and epochs as the
 recipe, plain BatchNorm (torch's SyncBatchNorm cannot run on CPU). The pipeline runs twice in a
 subprocess, with `train.bn=local` (like for like) and with its default `bn=sync`.
+
+Breakdown. Plain: process spawn (to the process group), data load, epochs. Pipeline: process start
+(interpreter, imports, config, MLflow run) up to Ray, Ray start, each stage's wall; inside train,
+from the stage's timings.json: Ray Train's worker-group start (fit() to the loop), shard read,
+model setup (build, DDP), epochs' compute, validation, checkpoint writes, the return from fit();
+the driver's MLflow writes run beside the loop. Fixed overhead = pipeline wall - epochs' compute.
 
     python -m benchmarks.pipeline_vs_ddp [--epochs 10]
 
@@ -31,10 +38,11 @@ import torch.nn.functional as F
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_vs_ddp.json"
 
 
-def _plain_ddp(rank, port, epochs, queue):
+def _plain_ddp(rank, port, epochs, queue, t_spawn):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    spawn_s = time.time() - t_spawn
     from pipeline import recipes
     from tasks.ingest import FASHION_MNIST_DIR, _fashion_mnist
     from tasks.nn.models import build_model
@@ -47,6 +55,7 @@ def _plain_ddp(rank, port, epochs, queue):
     x, xt = torch.from_numpy((x - mean) / std), torch.from_numpy((xt - mean) / std)
     y, yt = torch.from_numpy(y), torch.from_numpy(yt)
     x, y = x[rank::2], y[rank::2]
+    data_s = time.perf_counter() - t_start
     torch.manual_seed(0)
     model = build_model(cfg.model, 784, 10, (1, 28, 28))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -70,14 +79,16 @@ def _plain_ddp(rank, port, epochs, queue):
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
     if rank == 0:
-        queue.put({"wall_s": time.perf_counter() - t_start, "epoch_s": epoch_s, "test_accuracy": acc})
+        queue.put({"wall_s": time.perf_counter() - t_start, "spawn_s": spawn_s, "data_load_s": data_s,
+                   "epoch_s": epoch_s, "test_accuracy": acc})
     dist.destroy_process_group()
 
 
-def _pipeline(epochs, bn):
+def _pipeline(epochs, bn, recipe="fashion_mnist"):
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pipeline", "run", "--set", f"train.epochs={epochs}", "--set", f"train.bn={bn}",
-               "--set", f"storage={tmp}/runs", "--set", f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+        sets = ([f"train.epochs={epochs}"] if epochs else []) + ([f"train.bn={bn}"] if bn else [])
+        sets += [f"storage={tmp}/runs", f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+        cmd = [sys.executable, "-m", "pipeline", "run", "--recipe", recipe] + [a for v in sets for a in ("--set", v)]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         wall = time.perf_counter() - t0
@@ -85,11 +96,19 @@ def _pipeline(epochs, bn):
             raise RuntimeError(out.stderr[-3000:])
         text = out.stdout
         stages = {m[0]: float(m[1]) for m in re.findall(r"stage \d/\d (\w+): done in ([\d.]+)s", text)}
-        hist = json.loads(next(Path(tmp, "runs").glob("*/train/history.json")).read_text())
+        run_dir = next(Path(tmp, "runs").glob("*/train")).parent
+        hist = json.loads((run_dir / "train" / "history.json").read_text())
+        timings = run_dir / "train" / "timings.json"  # absent before bnflow wrote one: a partial breakdown
+        train = json.loads(timings.read_text()) if timings.exists() else {}
+        ray_s = float(m[1]) if (m := re.search(r"embedded Ray started in ([\d.]+)s", text)) else None
+        done_s = float(re.search(r"\] done in ([\d.]+)s", text)[1])
         before = float(re.search(r"before BN recalibration: ([\d.]+)", text)[1])
         after = float(re.search(r"after  BN recalibration: ([\d.]+)", text)[1])
-    return {"wall_s": wall, "stage_s": stages, "epoch_s": [h["epoch_seconds"] for h in hist],
-            "test_accuracy_before_recal": before, "test_accuracy_after_recal": after}
+    epoch_s = [h["epoch_seconds"] for h in hist]
+    return {"wall_s": wall, "fixed_overhead_s": wall - sum(epoch_s),
+            # the CLI's own clock starts after imports and config; Ray starts inside it
+            "process_start_s": wall - done_s, "ray_start_s": ray_s, "stage_s": stages, "train": train,
+            "epoch_s": epoch_s, "test_accuracy_before_recal": before, "test_accuracy_after_recal": after}
 
 
 def main(argv=None):
@@ -105,7 +124,7 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     t0 = time.perf_counter()
-    procs = [ctx.Process(target=_plain_ddp, args=(r, port, epochs, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_plain_ddp, args=(r, port, epochs, queue, time.time())) for r in range(2)]
     for proc in procs:
         proc.start()
     plain = queue.get(timeout=3600)
@@ -117,9 +136,11 @@ def main(argv=None):
     print("pipeline bn=local", json.dumps(local), flush=True)
     sync = _pipeline(epochs, "sync")
     print("pipeline bn=sync", json.dumps(sync), flush=True)
+    digits = _pipeline(None, None, recipe="digits")
+    print("pipeline digits", json.dumps(digits), flush=True)
     result = {
         "epochs": epochs, "workers": 2, "threads_per_worker": 1,
-        "plain_ddp": plain, "pipeline_bn_local": local, "pipeline_bn_sync": sync,
+        "plain_ddp": plain, "pipeline_bn_local": local, "pipeline_bn_sync": sync, "pipeline_digits": digits,
         "wall_ratio_pipeline_local_over_plain_ddp": local["wall_s"] / plain["wall_s_with_spawn"],
         "wall_ratio_pipeline_sync_over_plain_ddp": sync["wall_s"] / plain["wall_s_with_spawn"],
         "command": "python -m benchmarks.pipeline_vs_ddp " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -127,6 +148,32 @@ def main(argv=None):
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if "ratio" in k}, indent=1))
+    print(breakdown(result))
+
+
+def breakdown(result: dict) -> str:
+    """The README's table: where each run's seconds go."""
+    p, runs = result["plain_ddp"], [("bn=local", result["pipeline_bn_local"]), ("bn=sync", result["pipeline_bn_sync"]),
+                                    ("digits", result["pipeline_digits"])]
+    rows = [("wall", p["wall_s_with_spawn"], [r["wall_s"] for _, r in runs]),
+            ("epochs' compute", sum(p["epoch_s"]), [sum(r["epoch_s"]) for _, r in runs]),
+            ("fixed overhead", p["wall_s_with_spawn"] - sum(p["epoch_s"]), [r["fixed_overhead_s"] for _, r in runs]),
+            ("process start / spawn", p["spawn_s"], [r["process_start_s"] for _, r in runs]),
+            ("data load", p["data_load_s"], [None] * len(runs)),
+            ("Ray start", None, [r.get("ray_start_s") for _, r in runs])]
+    for stage in ("ingest", "normalize", "train", "recalibrate", "evaluate"):
+        rows.append((f"stage {stage}", None, [r["stage_s"].get(stage) for _, r in runs]))
+    for key, label in (("fit_to_loop_s", "train: fit() to loop"), ("data_load_s", "train: shard read"),
+                       ("model_setup_s", "train: model setup (DDP)"), ("fit_to_first_step_s", "train: fit() to first step"),
+                       ("validation_s", "train: validation"), ("checkpoint_s", "train: checkpoints"),
+                       ("loop_end_to_fit_return_s", "train: loop end to fit() return"),
+                       ("driver_mlflow_s", "train: MLflow epoch logging (driver, beside the loop)")):
+        rows.append((label, None, [r["train"].get(key) for _, r in runs]))
+    cell = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = ["| seconds | plain DDP | " + " | ".join(f"pipeline {n}" for n, _ in runs) + " |",
+             "|---|" + "---:|" * (len(runs) + 1)]
+    lines += [f"| {label} | {cell(pv)} | " + " | ".join(cell(v) for v in vs) + " |" for label, pv, vs in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """MLflow tracking: one parent run per pipeline run, one nested child run per stage.
 
 All MLflow calls of bnflow live here. Stages never touch MLflow; the train stage receives an
-``EpochLogger`` (picklable) that its rank-0 worker calls once per epoch, so per-epoch metrics
-appear in the UI while training runs and are written by exactly one process.
+``EpochLogger`` that the driver calls once per epoch as the epoch's checkpoint lands, so per-epoch
+metrics appear in the UI while training runs, are written by exactly one process, and never cost
+the training loop a request.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def source_tags() -> dict[str, str]:
 
 
 class EpochLogger:
-    """Per-epoch metrics to one MLflow run, from the process that calls it (rank 0).
+    """Per-epoch metrics to one MLflow run, from the process that calls it (the driver).
 
     Logging is idempotent per epoch (a step already in the run is not logged again), and a tracking
     outage does not stop training: a batch that cannot be sent stays buffered and goes with the
@@ -138,48 +139,57 @@ class EpochLogger:
     the run is no longer RUNNING (a killed run stays as it was left).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri = tracking_uri
+    def __init__(self, run_id: str, client: MlflowClient):
         self.run_id = run_id
-        # Credentials travel as the env variables MLflow reads, never inside the URI.
-        self.credentials = {k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}
+        self.client = client
         self.pending: list[Metric] = []
         self.warned = False
-        self._client: Optional[MlflowClient] = None
-
-    def __getstate__(self):  # shipped to the rank-0 worker without a client
-        return {**self.__dict__, "_client": None}
 
     def __call__(self, epoch: int, metrics: dict) -> Optional[str]:
         """Log one epoch; returns a line for the console the first time the server is unreachable."""
         import time
 
-        os.environ.update(self.credentials)
-        # Short tries: a down server must cost the training loop seconds, not MLflow's minutes of retries.
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
         try:
-            if self._client is None:  # once per worker process: a sqlite store's client is costly to build
-                self._client = MlflowClient(self.tracking_uri)
-            client = self._client
-            if client.get_run(self.run_id).info.status != "RUNNING":
-                self.pending = []
-                return None
-            # Idempotent: an epoch a killed attempt already logged (its workers can outlive the
-            # driver by a moment, after the last checkpoint the resumed run starts from) is not
-            # logged twice. An epoch's metrics go in one batch, so one key tells.
-            logged = {m.step for m in client.get_metric_history(self.run_id, self.pending[0].key)}
-            fresh = [m for m in self.pending if m.step not in logged]
-            if fresh:
-                client.log_batch(self.run_id, metrics=fresh)
-            self.pending = []
+            with _short_requests():
+                self._send()
         except Exception as e:  # an outage: keep the metrics for the next try
             if not self.warned:
                 self.warned = True
                 return f"tracking server unreachable ({type(e).__name__}); metrics are buffered and training goes on"
         return None
+
+    def _send(self) -> None:
+        if self.client.get_run(self.run_id).info.status != "RUNNING":
+            self.pending = []
+            return
+        # Idempotent: an epoch a killed attempt already logged is not logged twice (its checkpoint
+        # can be on disk before Ray Train registers it, so the resumed run may train it again). An
+        # epoch's metrics go in one batch, so one key tells.
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, self.pending[0].key)}
+        fresh = [m for m in self.pending if m.step not in logged]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+        self.pending = []
+
+
+@contextlib.contextmanager
+def _short_requests():
+    """MLflow's HTTP requests without retries and with a 5 s timeout inside the block: a server that
+    is down costs the progress watch seconds, not MLflow's minutes of retries. MLflow reads these
+    variables per request; the driver's other calls keep their retries."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Tracker:
@@ -313,7 +323,7 @@ class _StageRun:
         self.client = tracker.client
 
     def epoch_logger(self) -> EpochLogger:
-        return EpochLogger(self.tracker.uri, self.run_id)
+        return EpochLogger(self.run_id, self.client)
 
     def log_outputs(self, outputs: dict) -> None:
         for name, art in outputs.items():

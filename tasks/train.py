@@ -6,6 +6,7 @@ place (``_distribute``): SyncBatchNorm conversion, then ``ray.train.torch.prepar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,7 @@ from tasks.nn.models import build_model
 CHECKPOINT_FILE = "checkpoint.pt"
 DIVERGED_FILE = "diverged.txt"
 PROGRESS_FILE = "progress.json"  # rank 0 -> driver: where training is, for the bar and the epoch lines
+TIMINGS_FILE = "timings.json"  # where the stage's seconds went (last attempt), see _write_timings
 EpochCallback = Callable[[int, dict], None]
 
 
@@ -44,9 +47,10 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     resumed run ends with the same weights as an uninterrupted one.
 
     Args:
-        on_epoch: called on rank 0 only, after each epoch's checkpoint is saved, with (epoch,
-            metrics); must be picklable. Epochs restored from a checkpoint are not passed again.
-            A string it returns is shown on the driver's console once (worker output is not).
+        on_epoch: called in this process (the driver) with (epoch, metrics) for each epoch whose
+            checkpoint is persisted, within half a second of it; never inside the training loop,
+            which it cannot slow down. Epochs restored from a checkpoint are not passed again. A
+            string it returns is said on the console once.
 
     Returns:
         The final checkpoint and the per-epoch history.
@@ -55,7 +59,6 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         DataError: too few rows for one batch per worker, or split files that break the contract.
         TrainingDiverged: the train loss became NaN or inf.
     """
-    import ray.data
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -68,22 +71,20 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
             f"train: {train_rows} training rows cannot fill one batch of train.batch_size={cfg.batch_size} on each of "
             f"train.workers={cfg.workers}; lower train.batch_size or train.workers")
     expected = arrow.example_schema(data.num_features)
-    for name in ("train", "val"):
-        arrow_io.check_split(data.split(name).path, expected, where=f"train input split '{name}'")
+    files = {name: arrow_io.check_split(data.split(name).path, expected, where=f"train input split '{name}'")
+             for name in ("train", "val")}
     out_dir.mkdir(parents=True, exist_ok=True)
     diverged = out_dir / DIVERGED_FILE
     diverged.unlink(missing_ok=True)
     progress = out_dir / PROGRESS_FILE
     progress.unlink(missing_ok=True)
-    # Materialized in the object store before the workers start: the read tasks would otherwise
-    # compete with the training workers for the same CPUs and could wait forever for one.
-    datasets = {name: ray.data.read_parquet(data.split(name).path).materialize() for name in ("train", "val")}
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "seed": seed,
         "spec": ModelSpec(num_features=data.num_features, num_classes=data.num_classes,
                           image_shape=data.image_shape, feature_names=data.feature_names).model_dump(mode="json"),
-        "norm_stats": NormStats.load(norm_stats.path).model_dump(mode="json"), "on_epoch": on_epoch,
+        "norm_stats": NormStats.load(norm_stats.path).model_dump(mode="json"),
         "diverged_path": str(diverged.resolve()), "progress_path": str(progress.resolve()),
+        "files": {name: [str(Path(f).resolve()) for f in fs] for name, fs in files.items()},
     }
     trainer = TorchTrainer(
         _train_loop,
@@ -96,11 +97,12 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         run_config=RunConfig(name="ray_train", storage_path=str(out_dir.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+    fit_called = time.time()
     with Progress("train", total=None, unit="step") as bar:
-        result = fit_interruptibly(trainer, _ProgressWatch(progress, cfg.epochs, bar))
+        watch = _ProgressWatch(progress, cfg.epochs, bar, on_epoch)
+        result = fit_interruptibly(trainer, watch)
+    _write_timings(progress, fit_called, time.time(), watch.on_epoch_s, out_dir / TIMINGS_FILE)
     if diverged.exists():
         raise TrainingDiverged(diverged.read_text().strip())
     with result.checkpoint.as_directory() as d:
@@ -149,8 +151,10 @@ def _train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     spec = ModelSpec.model_validate(config["spec"])
 
-    x_train, y_train = _load(ray.train.get_dataset_shard("train"))
-    x_val, y_val = _load(ray.train.get_dataset_shard("val")) if rank == 0 else (None, None)
+    clock = _Clock()  # where the seconds go; rank 0's is reported
+    x_train, y_train = read_shard(config["files"]["train"], rank, world)
+    x_val, y_val = read_shard(config["files"]["val"], rank, world, equal=False)
+    clock.mark("data_ready")
     model = build_model(cfg.model, spec.num_features, spec.num_classes, spec.image_shape)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.epochs)
@@ -164,18 +168,19 @@ def _train_loop(config: dict) -> None:
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.rng["torch"])
         history = state.history
-    progress = _ProgressFile(config["progress_path"], steps=len(y_train) // cfg.batch_size, history=history) if rank == 0 else None
+    progress = _ProgressFile(config["progress_path"], steps=len(y_train) // cfg.batch_size, history=history,
+                             clock=clock) if rank == 0 else None
     ddp_model = _distribute(model, cfg.bn_mode, world)
-    on_epoch = config["on_epoch"]
 
     # DDP and SyncBatchNorm need every rank to take the same number of steps, or the rank with an
-    # extra step waits forever in a collective. Ray's equal=True split promises equal shards; check it.
+    # extra step waits forever in a collective. read_shard promises equal shards; check it.
     steps = len(y_train) // cfg.batch_size
     if world > 1:
         both = torch.tensor([steps, -steps], dtype=torch.float64)
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
         if int(both[0]) != -int(both[1]):
             raise RuntimeError(f"rank {rank}: {steps} steps per epoch, but ranks range over {-int(both[1])}..{int(both[0])}")
+    clock.mark("model_ready")
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         ddp_model.train()
@@ -192,6 +197,7 @@ def _train_loop(config: dict) -> None:
             if cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip_norm)
             optimizer.step()
+            clock.mark("first_step")
             if progress is not None:
                 progress.write(epoch, s + 1)
             with torch.no_grad():
@@ -210,39 +216,67 @@ def _train_loop(config: dict) -> None:
                     f"train loss is {metrics['train_loss']} at epoch {epoch}: training diverged; lower train.optimizer.lr "
                     "or set train.grad_clip_norm\n")
             return
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            with clock.span("validation"):
+                metrics.update(validate(model, x_val, y_val, device, world, cfg.bn_mode))
         if rank == 0:
-            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                metrics.update(evaluate_arrays(model, x_val, y_val, device, prefix="val_"))
             history.append({"epoch": epoch, **metrics})
+            with clock.span("checkpoint"):
+                state = CheckpointState(
+                    # SyncBatchNorm and BatchNorm share their state-dict keys: no conversion needed.
+                    model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state()},
+                    epoch=epoch, config=config["cfg"], bn_mode=cfg.bn_mode, spec=spec,
+                    norm_stats=NormStats.model_validate(config["norm_stats"]), history=history)
+                with tempfile.TemporaryDirectory() as d:
+                    state.save(Path(d) / CHECKPOINT_FILE)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            # The driver learns of an epoch (and logs it to MLflow) only once its checkpoint is
+            # persisted: a crash in between leaves a gap that it fills from the history, never a
+            # logged epoch that a resumed run trains again.
             progress.write(epoch, steps, force=True)
-            state = CheckpointState(
-                # SyncBatchNorm and BatchNorm share their state-dict keys: no conversion needed.
-                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state()},
-                epoch=epoch, config=config["cfg"], bn_mode=cfg.bn_mode, spec=spec,
-                norm_stats=NormStats.model_validate(config["norm_stats"]), history=history)
-            with tempfile.TemporaryDirectory() as d:
-                state.save(Path(d) / CHECKPOINT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            # After the checkpoint: an epoch is logged at most once (a crash in between leaves a gap
-            # that the driver fills from the history, never a repeated step).
-            if on_epoch is not None:
-                note = on_epoch(epoch, metrics)
-                if note:  # e.g. the tracking server is unreachable: the driver says it
-                    progress.notes.append(note)
-                    progress.write(epoch, steps, force=True)
         else:
             ray.train.report(metrics, checkpoint=None)
+    clock.mark("loop_end")
+    if progress is not None:
+        progress.write(cfg.epochs, steps, force=True)
+
+
+class _Clock:
+    """Wall-clock marks (first time only) and summed spans of one worker's loop, in seconds."""
+
+    def __init__(self):
+        self.marks = {"loop_start": time.time()}
+        self.spans: dict[str, float] = {}
+        self._open: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        if name not in self.marks:
+            self.marks[name] = time.time()
+
+    def start(self, name: str) -> None:
+        self._open[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        self.spans[name] = self.spans.get(name, 0.0) + time.perf_counter() - self._open.pop(name)
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
 
 
 class _ProgressFile:
     """Rank 0's side of the progress report: a small JSON file beside the checkpoints (storage every
-    node sees), replaced atomically and at most twice a second, so it costs the loop nothing."""
+    node sees), replaced atomically and at most twice a second, so it costs the loop nothing. It
+    also carries rank 0's clock, from which the driver writes the stage's timings."""
 
-    def __init__(self, path: str, steps: int, history: list[dict]):
-        self.path, self.steps, self.history = Path(path), steps, history
+    def __init__(self, path: str, steps: int, history: list[dict], clock: _Clock):
+        self.path, self.steps, self.history, self.clock = Path(path), steps, history, clock
         self.resumed_after = len(history)
-        self.notes: list[str] = []
         self.last = 0.0
 
     def write(self, epoch: int, step: int, force: bool = False) -> None:
@@ -253,16 +287,17 @@ class _ProgressFile:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"epoch": epoch, "step": step, "steps": self.steps,
                                    "resumed_after": self.resumed_after, "history": self.history,
-                                   "notes": self.notes}))
+                                   "clock": {"marks": self.clock.marks, "spans": self.clock.spans}}))
         tmp.replace(self.path)
 
 
 class _ProgressWatch:
-    """The driver's side: reads the progress file and moves the bar (on a terminal) or says one line
-    per finished epoch (in a log)."""
+    """The driver's side: reads the progress file, moves the bar (on a terminal) or says one line
+    per finished epoch (in a log), and hands each finished epoch to ``on_epoch``."""
 
-    def __init__(self, path: Path, epochs: int, bar: Progress):
-        self.path, self.epochs, self.bar = path, epochs, bar
+    def __init__(self, path: Path, epochs: int, bar: Progress, on_epoch: Optional[EpochCallback] = None):
+        self.path, self.epochs, self.bar, self.on_epoch = path, epochs, bar, on_epoch
+        self.on_epoch_s = 0.0  # the driver's time in on_epoch, beside the loop, for the timings
         self.said_epoch = None  # last epoch with a line; None before the first read
         self.said_resume = -1
         self.said_notes: set[str] = set()
@@ -276,10 +311,6 @@ class _ProgressWatch:
         if p["resumed_after"] and p["resumed_after"] != self.said_resume:
             self.said_resume = p["resumed_after"]
             say(f"train: resuming after epoch {p['resumed_after']} from its checkpoint")
-        for note in p["notes"]:
-            if note not in self.said_notes:
-                self.said_notes.add(note)
-                say(note)
         if self.said_epoch is None:
             self.said_epoch = p["resumed_after"]
         for h in p["history"]:
@@ -287,6 +318,12 @@ class _ProgressWatch:
                 self.said_epoch = h["epoch"]
                 if self.bar.bar is None:  # a log, not a terminal: the epoch's line is its progress
                     say(f"train epoch {h['epoch']}/{self.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in h.items() if k != "epoch"))
+                t0 = time.perf_counter()
+                note = self.on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"}) if self.on_epoch else None
+                self.on_epoch_s += time.perf_counter() - t0
+                if note and note not in self.said_notes:  # e.g. the tracking server is unreachable
+                    self.said_notes.add(note)
+                    say(note)
         last = p["history"][-1] if p["history"] else {}
         postfix = {k: f"{last[k]:.4g}" for k in ("train_loss", "val_accuracy") if k in last}
         self.bar.set((p["epoch"] - 1) * p["steps"] + p["step"], total=self.epochs * p["steps"],
@@ -299,13 +336,55 @@ def data_order_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
-def _load(shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """A worker's shard as in-memory tensors: read once through Ray Data, reshuffled locally each epoch."""
-    xs, ys = [], []
-    for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-        xs.append(arrow_io.features_numpy(batch))
-        ys.append(arrow_io.labels_numpy(batch))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
+def read_shard(files: list[str], rank: int, world: int, equal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank`` of ``world``'s rows of a split as in-memory tensors.
+
+    Every ``world``-th row from row ``rank`` on, over the files in order. With ``equal``, the same
+    number on every rank (the last ``rows % world`` rows of the split are left out): DDP needs equal
+    step counts. Strided rather than contiguous shards give every rank every class even when a split
+    is sorted by label. Read with pyarrow, file by file, from the storage every node sees: one read,
+    no Ray Data pipeline between the files and the loop.
+    """
+    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    per_rank = sum(counts) // world if equal else sum(counts)
+    xs, ys, start = [], [], 0
+    for f, n in zip(files, counts):
+        local = np.arange((rank - start) % world, n, world)  # rows of this file with global index = rank mod world
+        local = local[(start + local) // world < per_rank]
+        if len(local):
+            table = arrow_io.read_table(f)
+            xs.append(arrow_io.features_numpy(table)[local])
+            ys.append(arrow_io.labels_numpy(table)[local])
+        start += n
+    x = np.concatenate(xs) if xs else np.empty((0, 0), dtype=np.float32)
+    y = np.concatenate(ys) if ys else np.empty(0)
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+
+def _write_timings(progress: Path, fit_called: float, fit_returned: float, on_epoch_s: float, path: Path) -> None:
+    """Where the last ``trainer.fit()`` spent its seconds, from rank 0's clock (wall-clock seconds;
+    per-epoch spans summed over the epochs this attempt ran). ``on_epoch_s`` ran on the driver,
+    beside the loop, not in it."""
+    try:
+        report = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        return  # the loop never wrote its clock: nothing to say
+    m, spans = report["clock"]["marks"], report["clock"]["spans"]
+    epochs = report["history"][report["resumed_after"]:]
+    out = {
+        "fit_to_loop_s": m["loop_start"] - fit_called,  # Ray Train starts its controller and worker group
+        "data_load_s": m["data_ready"] - m["loop_start"],
+        "model_setup_s": m.get("model_ready", m["data_ready"]) - m["data_ready"],  # build, restore, DDP
+        "fit_to_first_step_s": m.get("first_step", m["data_ready"]) - fit_called,
+        "epochs_compute_s": sum(h["epoch_seconds"] for h in epochs),
+        "validation_s": spans.get("validation", 0.0),
+        "checkpoint_s": spans.get("checkpoint", 0.0),
+        "driver_mlflow_s": on_epoch_s,
+        "loop_s": m.get("loop_end", fit_returned) - m["loop_start"],
+        "loop_end_to_fit_return_s": fit_returned - m.get("loop_end", fit_returned),
+        "fit_s": fit_returned - fit_called,
+    }
+    path.write_text(json.dumps(out, indent=1))
 
 
 def _distribute(model: nn.Module, bn_mode: str, world: int) -> nn.Module:
@@ -327,19 +406,31 @@ def ddp_kwargs(bn_mode: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, prefix: str = "",
-                    batch_size: int = 2048) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over every row (eval mode: BN uses running statistics)."""
+def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, world: int, bn_mode: str,
+             batch_size: int = 2048) -> dict[str, float]:
+    """``val_loss`` (mean cross-entropy) and ``val_accuracy`` over every val row, on every rank.
+
+    Each rank scores its own share of the rows (eval mode: BN uses running statistics) and the sums
+    are all-reduced, so validation costs each rank 1/world of it instead of rank 0 all of it while
+    the others wait. The model scored is rank 0's: parameters are identical under DDP, and with
+    local BN the running statistics (which differ per rank) are first taken from rank 0, as DDP
+    itself does before every training forward; under sync BN they are identical already.
+    """
+    if world > 1 and bn_mode != "sync":
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     was_training = model.training
     model.eval()
-    loss, correct = 0.0, 0
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
     for s in range(0, len(y), batch_size):
         logits = model(x[s : s + batch_size].to(device))
         yb = y[s : s + batch_size].to(device)
-        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
+        sums += torch.stack([F.cross_entropy(logits, yb, reduction="sum").double(), (logits.argmax(1) == yb).sum().double(),
+                             torch.tensor(float(len(yb)), dtype=torch.float64)]).cpu()
     model.train(was_training)
-    return {f"{prefix}loss": loss / len(y), f"{prefix}accuracy": correct / len(y)}
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    return {"val_loss": float(sums[0] / sums[2]), "val_accuracy": float(sums[1] / sums[2])}
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -62,6 +62,18 @@ def test_per_epoch_metrics_one_series_from_one_writer(digits_run):
     assert all(a > b for a, b in zip(lrs, lrs[1:]))  # the cosine schedule, as logged
 
 
+def test_train_stage_says_where_its_seconds_went(digits_run):
+    """timings.json: Ray Train's start, the shard read, model setup, the epochs and what sits between
+    them, each measured by its own clock on rank 0 or the driver."""
+    _, storage, _ = digits_run
+    t = json.loads((storage / "itest-digits" / "train" / "timings.json").read_text())
+    assert t["fit_to_loop_s"] > 0 and t["data_load_s"] > 0 and t["checkpoint_s"] > 0 and t["driver_mlflow_s"] > 0
+    assert t["fit_to_first_step_s"] > t["fit_to_loop_s"] + t["data_load_s"] + t["model_setup_s"]
+    # the epochs' compute, validation and checkpoints are timed apart, and all happen inside the loop
+    assert t["epochs_compute_s"] + t["validation_s"] + t["checkpoint_s"] < t["loop_s"] < t["fit_s"]
+    assert t["loop_end_to_fit_return_s"] >= 0
+
+
 def test_artifacts_inputs_and_models(digits_run):
     _, storage, client = digits_run
     runs = {r.data.tags[TAG_STAGE]: r for r in _runs(client, "itest", "itest-digits")}

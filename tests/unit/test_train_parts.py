@@ -104,3 +104,85 @@ def test_diagnosis_reads_the_curves():
     assert diagnose(h([1, 0.5, 0.4, 0.399, 0.398], [1, 0.5, 0.45, 0.45, 0.45])).startswith("converged")
     assert diagnose(h([1, 0.5, 2.0, math.inf], [1, 1, 1, 1])).startswith("diverging")
     assert diagnose(h([1.0, 0.99, 0.98, 0.98], [1, 1, 1, 1])).startswith("data problem")
+
+
+def _split_sorted_by_label(tmp_path, sizes):
+    """A split of sum(sizes) rows over files of the given sizes, rows sorted by label (the case a
+    contiguous shard gets wrong), with row i's features all equal to i."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from schemas import arrow
+    from tasks import arrow_io
+
+    n = sum(sizes)
+    y = np.sort(np.arange(n) % 4)
+    x = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
+    table = arrow_io.to_table(x, y, arrow.example_schema(3))
+    files, start = [], 0
+    for i, k in enumerate(sizes):
+        f = tmp_path / f"part-{i:05d}.parquet"
+        pq.write_table(table.slice(start, k), f)
+        files.append(str(f))
+        start += k
+    return files, x, y
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_read_shard_gives_equal_strided_shards_that_cover_every_class(tmp_path, world):
+    import numpy as np
+
+    from tasks.train import read_shard
+
+    files, x, y = _split_sorted_by_label(tmp_path, [9, 1, 0, 17, 13])  # 40 rows, an empty and a one-row file
+    per_rank = len(y) // world
+    seen = []
+    for rank in range(world):
+        xs, ys = read_shard(files, rank, world)
+        # independent reference: every world-th row from row `rank`, the first per_rank of them
+        np.testing.assert_array_equal(xs.numpy(), x[rank::world][:per_rank])
+        np.testing.assert_array_equal(ys.numpy(), y[rank::world][:per_rank])
+        assert ys.dtype == torch.int64 and len(ys) == per_rank
+        if world > 1:  # sorted by label, yet every rank sees every class
+            assert set(ys.tolist()) == {0, 1, 2, 3}
+        seen += xs[:, 0].tolist()
+    # disjoint, and only the split's last rows % world rows are left out
+    assert sorted(seen) == list(range(per_rank * world))
+
+
+def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, monkeypatch):
+    """The driver logs epochs as rank 0's progress file shows them: each epoch after the one the
+    attempt resumed from, once, even when the file is read many times or a restarted worker group
+    goes back to an earlier epoch; an unreachable server's note is said once."""
+    import json
+
+    from tasks.console import Progress
+    from tasks.train import _ProgressWatch
+
+    monkeypatch.setenv("BNFLOW_PROGRESS", "0")  # a log, where each epoch has its line
+    path = tmp_path / "progress.json"
+    calls = []
+
+    def on_epoch(epoch, metrics):
+        calls.append((epoch, metrics))
+        return "tracking server unreachable (ConnectionError)" if epoch >= 3 else None
+
+    def write(resumed_after, epochs):
+        history = [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, epochs + 1)]
+        path.write_text(json.dumps({"epoch": epochs, "step": 1, "steps": 4, "resumed_after": resumed_after,
+                                    "history": history, "clock": {"marks": {}, "spans": {}}}))
+
+    with Progress("train", total=None) as bar:
+        watch = _ProgressWatch(path, 6, bar, on_epoch)
+        watch()  # no file yet
+        write(resumed_after=1, epochs=1)  # resumed after epoch 1: already logged by the earlier attempt
+        watch()
+        write(resumed_after=1, epochs=3)
+        watch()
+        watch()
+        write(resumed_after=2, epochs=4)  # a worker group restarted from epoch 2's checkpoint
+        watch()
+    assert calls == [(2, {"train_loss": 0.5}), (3, {"train_loss": 1 / 3}), (4, {"train_loss": 0.25})]
+    out = capsys.readouterr().out
+    assert out.count("tracking server unreachable") == 1
+    assert [line.split()[3] for line in out.splitlines() if " train epoch " in line] == ["2/6", "3/6", "4/6"]
