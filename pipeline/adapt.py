@@ -32,7 +32,7 @@ class Adapted:
 
 
 def load_source(model_uri: str):
-    """(served model, model info) of ``model_uri``.
+    """(served torch module, class names or None, model info) of ``model_uri``.
 
     Raises:
         UserError: the URI does not resolve to a bnflow model in the tracking store.
@@ -40,16 +40,17 @@ def load_source(model_uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from pipeline import served
+
     try:
-        info = mlflow.models.get_model_info(model_uri)
-        model = mlflow.pytorch.load_model(model_uri)
+        model, class_names, info = served.load(model_uri)
     except (MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {model_uri}: cannot load it ({first}); give a logged bnflow model, e.g. "
                         "runs:/RUN_ID/model_recalibrated or models:/NAME@ALIAS") from None
     if not hasattr(model, "model") or not hasattr(model, "shift"):
         raise UserError(f"--model {model_uri}: not a bnflow model (raw features in, normalization inside)")
-    return model, info
+    return model, class_names, info
 
 
 def read_features(data_dir: str, feature_names: Optional[list[str]], num_features: int, column: str = "features") -> np.ndarray:
@@ -114,11 +115,12 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
     import mlflow
     import torch
 
-    from pipeline.tracking import log_served_model, source_tags
+    from pipeline import served
+    from pipeline.tracking import source_tags
     from tasks.nn.bn_stats import update_bn_stats
     from tasks.recalibrate import batch_plan
 
-    source, info = load_source(model_uri)
+    source, class_names, info = load_source(model_uri)
     spec_names = _feature_names(info)
     num_features = int(source.shift.numel())
     x = read_features(data_dir, spec_names, num_features)
@@ -143,7 +145,8 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
                            "adapt.batch_size": batch_size, "adapt.seed": seed, "adapt.estimator": "exact"})
         # MLflow prints "Successfully registered model ..." itself; the caller says it once.
         with contextlib.redirect_stderr(io.StringIO()):
-            logged = log_served_model(model, "model_adapted", num_features, spec_names, register)
+            names = class_names or [str(i) for i in range(int(model(torch.zeros(2, num_features)).shape[1]))]
+            logged = served.log(model, "model_adapted", names, spec_names, register)
     version = str(logged.registered_model_version) if register and getattr(logged, "registered_model_version", None) else None
     return Adapted(run.info.run_id, experiment_id, f"runs:/{run.info.run_id}/model_adapted", n, version)
 

@@ -255,8 +255,12 @@ def _run(args) -> int:
         if main_thread:  # after ray.init, which installs a SIGTERM handler of its own
             signal.signal(signal.SIGTERM, _on_sigterm)
         produced = runner.run(cfg, run_id, tracker)
-        metrics = produced["evaluation"].metrics
-        tracker.finish("FINISHED", summary={k: v for k, v in metrics.items() if k.startswith("test_")})
+        evaluation = produced["evaluation"]
+        metrics = evaluation.metrics
+        decision = tracker.gate(produced["raw"], say) if cfg.tracking.register_model else None
+        # The headline numbers on the parent; per-class ones stay on the evaluate run.
+        tracker.finish("FINISHED", summary={k: v for k, v in metrics.items() if k.startswith("test_") and "." not in k},
+                       tags=evaluation.tags)
     except (KeyboardInterrupt, Interrupted) as e:
         code = 130 if isinstance(e, KeyboardInterrupt) else 143
         _stop_quietly(tracker)
@@ -275,7 +279,10 @@ def _run(args) -> int:
         f"\n[bnflow] done in {time.perf_counter() - t0:.0f}s  (bn: {cfg.train.bn_mode}, workers: {cfg.train.workers})\n"
         f"  test accuracy before BN recalibration: {before:.4f}\n"
         f"  test accuracy after  BN recalibration: {after:.4f}\n"
-        f"  MLflow run: {parent}  (run id {run_id}; resume with --run-id {run_id})\n"
+        f"  training curves: {evaluation.tags.get('bnflow.curves_note', 'not read')}\n"
+        + (f"  registry: {decision.name} version {decision.version} "
+           f"{'is the champion' if decision.promoted else 'not promoted'}: {decision.reason}\n" if decision else "")
+        + f"  MLflow run: {parent}  (run id {run_id}; resume with --run-id {run_id})\n"
         f"  {'see it at' if tracker.uri.startswith('http') else 'see it with'}: {ui_command(tracker.uri, tracker.experiment_id, parent)}",
         flush=True)
     return 0
@@ -284,8 +291,8 @@ def _run(args) -> int:
 # Library warnings that say nothing about a bnflow run, by the logger that emits them (a filter on a
 # logger sees only its own records). ``--verbose`` shows them.
 KNOWN_HARMLESS = {
-    # bnflow logs its own model and loads it with its own code: the pickle advice does not apply.
-    "mlflow.pytorch": "Saving pytorch model by Pickle or CloudPickle",
+    # bnflow logs its own model object and loads it with its own code: the pickle advice does not apply.
+    "mlflow.pyfunc": "Passing a Python object as `python_model`",
     # Good news, not a warning: a fresh local Ray turned token auth on.
     "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
     # bnflow turns Ray Data's bars off on purpose (its own bar and lines show progress).

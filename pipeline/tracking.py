@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from schemas import artifacts as A
@@ -25,6 +25,7 @@ from schemas.errors import ConfigError
 
 TAG_RUN_ID = "bnflow.run_id"
 TAG_STAGE = "bnflow.stage"
+TAG_MODEL_URI = "bnflow.model_uri"  # on train and recalibrate: the logged model's models:/m-... URI
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # MLflow 3 opens an experiment without this tag in its GenAI view; bnflow's runs are model training.
@@ -79,31 +80,6 @@ def ui_command(uri: str, experiment_id: str = "", run_id: str = "") -> str:
         # workflowType: MLflow 3's UI otherwise shows a run under its GenAI labels in a fresh browser.
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-
-
-def log_served_model(model, name: str, num_features: int, feature_names: Optional[list[str]] = None,
-                     registered_model_name: Optional[str] = None):
-    """Log a served model (raw features in, logits out) in the active MLflow run, with a signature
-    that takes a wide table's columns by name; returns MLflow's ModelInfo."""
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
-    example = np.zeros((2, num_features), dtype=np.float32)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(example)).numpy()
-    if feature_names:  # a wide table: columns by name, so a caller's column order cannot matter
-        import pandas as pd
-
-        example = pd.DataFrame(example, columns=feature_names)
-    return mlflow.pytorch.log_model(
-        model, name=name, signature=infer_signature(example, logits), input_example=example,
-        # pickle, not pt2: a traced graph would pin the batch size of the example.
-        serialization_format="pickle",
-        code_paths=[str(PROJECT_ROOT / "tasks"), str(PROJECT_ROOT / "schemas")],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic", "pyarrow"],
-        registered_model_name=registered_model_name,
-    )
 
 
 def source_tags() -> dict[str, str]:
@@ -269,15 +245,40 @@ class Tracker:
                 f"--run-id {self.run_id}: that run was started with {k}={old}, not {new}{more}; "
                 "resume with the same recipe and --set values, or start a new run without --run-id")
 
-    def finish(self, status: str, summary: Optional[dict] = None) -> None:
-        """End the parent (and a stage child left open by an interruption) as FINISHED, FAILED or KILLED."""
-        if summary:
-            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()])
+    def finish(self, status: str, summary: Optional[dict] = None, tags: Optional[dict[str, str]] = None) -> None:
+        """End the parent (and a stage child left open by an interruption) as FINISHED, FAILED or KILLED;
+        ``summary`` metrics and ``tags`` go on the parent first, where the runs table shows them."""
+        if summary or tags:
+            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in (summary or {}).items()],
+                                  tags=[RunTag(k, v) for k, v in (tags or {}).items()])
         if self.open_child is not None:
             self.client.set_terminated(self.open_child, status)
             self.open_child = None
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status)
+
+    def gate(self, raw: A.Dataset, say=print):
+        """Register the recalibrated model and decide whether it becomes the champion
+        (pipeline/registry.py), scoring on ``raw``'s test rows; the decision goes on the evaluate
+        run and the parent. Returns the ``registry.Decision``."""
+        import numpy as np
+
+        from pipeline import registry
+        from tasks import arrow_io
+
+        tables = [arrow_io.read_table(f) for f in arrow_io.split_files(raw.split("test").path)]
+        x = np.concatenate([arrow_io.features_numpy(t) for t in tables])
+        y = np.concatenate([arrow_io.labels_numpy(t) for t in tables])
+        recal = self._find("recalibrate")
+        model_uri = recal.data.tags.get(TAG_MODEL_URI, f"runs:/{recal.info.run_id}/model_recalibrated")
+        decision = registry.gate(self.client, self.cfg.tracking.register_model, self.run_id, model_uri, x, y,
+                                 self.cfg.tracking.gate,
+                                 raw.feature_names, say)
+        metrics = [Metric(k, v, 0, 0) for k, v in decision.metrics().items()]
+        tags = [RunTag(k, v) for k, v in decision.tags().items()]
+        for run_id in (self._find("evaluate").info.run_id, self.parent_id):
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        return decision
 
     # -- children -----------------------------------------------------------------------------
     def _child(self, stage: str) -> str:
@@ -343,7 +344,9 @@ class _StageRun:
                 self._fill_epoch_gaps(art.epochs)
             elif isinstance(art, A.Evaluation):
                 metrics = [Metric(k, float(v), 0, 0) for k, v in art.metrics.items()]
-                self.client.log_batch(self.run_id, metrics=metrics)
+                for i in range(0, len(metrics), 500):
+                    self.client.log_batch(self.run_id, metrics=metrics[i : i + 500])
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in art.tags.items()])
                 for f in art.files:
                     self.client.log_artifact(self.run_id, f)
 
@@ -376,10 +379,12 @@ class _StageRun:
         self.client.log_inputs(self.run_id, datasets=inputs)
 
     def _log_model(self, name: str, ckpt: A.Checkpoint) -> None:
+        from pipeline import served
         from tasks.nn.models import served_model
 
         state = A.CheckpointState.load(ckpt.path)
         self.client.log_artifact(self.run_id, ckpt.path, artifact_path=f"checkpoints/{name}")
-        register = self.tracker.cfg.tracking.register_model if name == "recalibrated" else None
         with mlflow.start_run(run_id=self.run_id, nested=True):
-            log_served_model(served_model(state), f"model_{name}", state.spec.num_features, state.spec.feature_names, register)
+            info = served.log(served_model(state), f"model_{name}", state.spec.names(), state.spec.feature_names)
+        # The logged model's own URI (models:/m-...): the registry takes it without a lookup by run.
+        self.client.set_tag(self.run_id, TAG_MODEL_URI, info.model_uri)

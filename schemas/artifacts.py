@@ -41,6 +41,7 @@ class Dataset(_Artifact):
     image_shape: Optional[tuple[int, int, int]] = None
     feature_names: Optional[list[str]] = Field(
         None, description="A wide table's feature columns, in feature order; the served model takes them by name.")
+    class_names: Optional[list[str]] = Field(None, description="A name per class in label order; unset: the label numbers.")
 
     def split(self, name: str) -> SplitInfo:
         return self.splits[name]
@@ -65,6 +66,7 @@ class TrainHistory(_Artifact):
 
 class Evaluation(_Artifact):
     metrics: dict[str, float]
+    tags: dict[str, str] = Field(default_factory=dict, description="Run tags (the curve reading); empty for an older manifest.")
     files: list[str] = Field(description="Plots and reports to attach to the run.")
 
 
@@ -133,6 +135,10 @@ class ModelSpec(_Artifact):
     num_classes: int
     image_shape: Optional[tuple[int, int, int]] = None
     feature_names: Optional[list[str]] = None  # a wide table's columns: the served model's input names
+    class_names: Optional[list[str]] = None  # the served model's names of its outputs; unset: label numbers
+
+    def names(self) -> list[str]:
+        return self.class_names or [str(i) for i in range(self.num_classes)]
 
 
 class CheckpointState(_Artifact):

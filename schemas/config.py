@@ -48,12 +48,23 @@ class DataConfig(_Strict):
     image_shape: Optional[tuple[int, int, int]] = Field(
         None, description="parquet source: (channels, height, width) if features are flattened images; enables per-channel statistics and the CNN.")
     num_classes: int = Field(10, ge=2, description="Number of classes; labels must lie in [0, num_classes).")
+    class_names: Optional[list[str]] = Field(
+        None, description="A name per class, in label order, for plots and per-class metrics. Unset: Fashion-MNIST's "
+                          "and digits' own names, the label numbers for a parquet source.")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training rows held out as the validation split.")
     max_train_rows: Optional[int] = Field(None, ge=10, description="Keep only this many training rows (before the val split); for quick runs and tests.")
     max_test_rows: Optional[int] = Field(None, ge=1, description="Keep only this many test rows; for quick runs and tests.")
     shift: Optional[ShiftConfig] = Field(
         None, description="Add corrupted copies of the test images as splits shift-<corruption>-<severity> (image data only), "
                           "normalized with the clean train statistics; evaluate reports accuracy on each.")
+
+
+    @model_validator(mode="after")
+    def _one_name_per_class(self):
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"data.class_names has {len(self.class_names)} names for data.num_classes={self.num_classes}; "
+                             "give one name per class, in label order")
+        return self
 
 
 class NormalizeConfig(_Strict):
@@ -200,15 +211,39 @@ class RecalibrateConfig(_Strict):
     batch_size: int = Field(256, ge=2, description="Mini-batch size of the calibration forward passes.")
 
 
+class CurvesConfig(_Strict):
+    """Thresholds of the loss-curve reading (tasks/curves.py); shares are relative to the curve's value."""
+
+    window: int = Field(3, ge=1, description="Points (epochs, val evaluations) over which a curve's recent trend is read.")
+    flat: float = Field(0.01, ge=0.0, description="A curve is flat when it fell by at most this share over the window.")
+    overfit_rise: float = Field(0.1, gt=0.0, description="Overfitting when the val loss ends this share above its minimum.")
+    diverge_rise: float = Field(0.5, gt=0.0, description="Diverging when the train loss ends this share above its minimum.")
+    data_gap: float = Field(0.5, gt=0.0, lt=1.0, description="Data problem when the final val loss is below this fraction of the final train loss.")
+
+
 class EvaluateConfig(_Strict):
     batch_size: int = Field(1024, ge=1, description="Inference batch size (does not affect results: BN uses running statistics).")
     adapt_batch_size: int = Field(256, ge=2, description="Batch size of the BN re-estimation on each shifted split (data.shift).")
+    top_k: int = Field(5, ge=1, description="k of the top-k accuracy (capped at the number of classes).")
+    curves: CurvesConfig = Field(default_factory=CurvesConfig, description="How the train/val loss curves are read.")
+
+
+class GateConfig(_Strict):
+    """When a registered model becomes the champion (pipeline/registry.py)."""
+
+    min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="Test accuracy the candidate must reach at least.")
+    min_improvement: float = Field(
+        0.0, ge=-1.0, le=1.0, description="Test accuracy the candidate must gain over the current champion, both scored "
+                                          "now on this run's test rows; 0: at least as good.")
 
 
 class TrackingConfig(_Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else a sqlite store in the working directory.")
     experiment: str = Field("bnflow", min_length=1, description="MLflow experiment name.")
-    register_model: Optional[str] = Field(None, description="Register the recalibrated model under this name in the MLflow model registry.")
+    register_model: Optional[str] = Field(
+        None, min_length=1, description="Register the recalibrated model under this name in the MLflow model registry; "
+                                        "the alias 'champion' moves to it when it passes tracking.gate.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="The champion gate of a registered model.")
 
 
 class PipelineConfig(_Strict):

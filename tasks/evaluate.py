@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,48 +15,60 @@ from schemas.artifacts import Checkpoint, CheckpointState, Dataset, Evaluation, 
 from schemas.config import EvaluateConfig
 from tasks import arrow_io, shift
 from tasks.console import Progress
+from tasks.curves import read_curves
+from tasks.metrics import Scores
 from tasks.nn.models import model_from_checkpoint
 
 
 def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint, data: Dataset,
              history: TrainHistory, out_dir: Path) -> Evaluation:
-    """Accuracy and mean cross-entropy over EVERY test row for both checkpoints, plus plots."""
+    """Score both checkpoints on EVERY test row, read the training curves, and draw what a person checks.
+
+    Metrics per model (``before``: as trained, ``after``: recalibrated), named
+    ``test_<metric>_<model>_recal``: accuracy, top-k accuracy, loss (mean cross-entropy), macro-F1,
+    ECE; per class ``test_<precision|recall|f1|nll>_<model>_recal.<class name>``. Definitions:
+    tasks/metrics.py. The curve reading (tasks/curves.py) comes back as tags.
+    """
     files = arrow_io.check_split(data.split("test").path, arrow.example_schema(data.num_features),
                                  where="evaluate input split 'test'")
     out_dir.mkdir(parents=True, exist_ok=True)
     models = {tag: model_from_checkpoint(CheckpointState.load(ckpt.path))
               for tag, ckpt in (("before", trained), ("after", recalibrated))}
-    k = data.num_classes
-    confusion = {tag: np.zeros((k, k), dtype=np.int64) for tag in models}
-    loss = {tag: 0.0 for tag in models}
-    rows = 0
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    scores = {tag: Scores(data.num_classes, cfg.top_k) for tag in models}
     with torch.no_grad(), Progress("evaluate", total=data.split("test").rows, unit="rows") as bar:
         for f in files:
             table = arrow_io.read_table(f)
             x_all = arrow_io.features_tensor(table)
             y_all = torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
             for x, y in zip(x_all.split(cfg.batch_size), y_all.split(cfg.batch_size)):
-                rows += len(y)
                 bar.update(len(y))
                 for tag, model in models.items():
-                    logits = model(x)
-                    loss[tag] += float(F.cross_entropy(logits, y, reduction="sum"))
-                    np.add.at(confusion[tag], (y.numpy(), logits.argmax(1).numpy()), 1)
+                    scores[tag].update(model(x), y)
+    rows = scores["after"].rows
     if rows != data.split("test").rows:
         raise RuntimeError(f"evaluate read {rows} test rows, the split holds {data.split('test').rows}")
 
-    metrics = {}
-    for tag in models:
-        metrics[f"test_accuracy_{tag}_recal"] = float(np.trace(confusion[tag]) / rows)
-        metrics[f"test_loss_{tag}_recal"] = loss[tag] / rows
-    metrics["test_rows"] = float(rows)
-    diagnosis = diagnose(history.epochs)
-    report = {"metrics": metrics, "diagnosis": diagnosis,
-              "confusion_before_recal": confusion["before"].tolist(), "confusion_after_recal": confusion["after"].tolist()}
+    metrics = {"test_rows": float(rows)}
+    per_class = {tag: s.per_class() for tag, s in scores.items()}
+    for tag, s in scores.items():
+        metrics.update({f"test_{key}_{tag}_recal": value for key, value in s.summary().items()})
+        for key in ("precision", "recall", "f1", "nll"):
+            metrics.update({f"test_{key}_{tag}_recal.{_metric_name(name)}": float(v)
+                            for name, v in zip(names, per_class[tag][key]) if np.isfinite(v)})
+    reading = read_curves(history.epochs, cfg.curves)
+    report = {"metrics": metrics, "curves": reading.kind, "diagnosis": reading.note, "class_names": names,
+              "confusion_before_recal": scores["before"].confusion.tolist(),
+              "confusion_after_recal": scores["after"].confusion.tolist(),
+              "reliability_before_recal": scores["before"].reliability(),
+              "reliability_after_recal": scores["after"].reliability()}
     files = [str(out_dir / "evaluation.json")]
     (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1))
-    files.append(_plot_confusion(confusion, out_dir / "confusion_matrix.png"))
-    files.append(_plot_curves(history.epochs, diagnosis, out_dir / "loss_curves.png"))
+    files.append(_write_per_class(per_class, names, out_dir / "per_class_metrics.csv"))
+    files.append(_plot_confusion({tag: s.confusion for tag, s in scores.items()}, names, out_dir / "confusion_matrix.png"))
+    files.append(_plot_reliability(scores, out_dir / "reliability_diagram.png"))
+    files.append(_plot_per_class_f1(per_class, names, out_dir / "per_class_f1.png"))
+    files.append(_plot_curves(history.epochs, reading.note, out_dir / "learning_curves.png"))
     shifted = sorted(name for name in data.splits if shift.parse_split(name))
     if shifted:
         recal = CheckpointState.load(recalibrated.path).recalibration or {}
@@ -64,7 +77,25 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
         files += _write_shift_table(table, out_dir / "shift_accuracy.csv")
         files.append(_plot_shift(table, f"recalibrated ({recal.get('estimator', '?')} on {recal.get('split', '?')})",
                                  out_dir / "shift_accuracy.png"))
-    return Evaluation(metrics=metrics, files=files)
+    return Evaluation(metrics=metrics, files=files, tags={"bnflow.curves": reading.kind, "bnflow.curves_note": reading.note})
+
+
+def _metric_name(name: str) -> str:
+    """A class name as an MLflow metric-key part ("T-shirt/top" -> "T-shirt_top": a slash would nest it in the UI)."""
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name)
+
+
+def _write_per_class(per_class: dict, names: list[str], path: Path) -> str:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        keys = ("precision", "recall", "f1", "nll")
+        writer.writerow(["class", "name", "support"] + [f"{k}_{tag}_recal" for tag in per_class for k in keys])
+        for i, name in enumerate(names):
+            writer.writerow([i, name, int(per_class["after"]["support"][i])]
+                            + [f"{per_class[tag][k][i]:.6g}" for tag in per_class for k in keys])
+    return str(path)
 
 
 SHIFT_MODELS = ("trained", "recalibrated", "adapted")
@@ -135,11 +166,7 @@ def _write_shift_table(table: list[dict], path: Path) -> list[str]:
 
 
 def _plot_shift(table: list[dict], recal_label: str, path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     clean = next(r for r in table if r["corruption"] == "clean")
     corruptions = list(dict.fromkeys(r["corruption"] for r in table if r["corruption"] != "clean"))
     cols = 3
@@ -160,76 +187,116 @@ def _plot_shift(table: list[dict], recal_label: str, path: Path) -> str:
         ax.axis("off")
     axes[0, 0].set_ylabel("test accuracy")
     axes[0, 0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
-def diagnose(epochs: list[dict]) -> str:
-    """Read the train/val loss curves the way the course does: diverging, data problem, overfitting,
-    still learning, or converged."""
-    train = [e["train_loss"] for e in epochs]
-    val = [e["val_loss"] for e in epochs if "val_loss" in e]
-    if not np.all(np.isfinite(train)) or (len(train) > 2 and train[-1] > 1.5 * min(train)):
-        return "diverging: the train loss grows; lower the learning rate or clip gradients"
-    if len(train) < 3 or len(val) < 3:
-        return "too few epochs to read the curves"
-    if train[-1] > 0.9 * train[0]:
-        return "data problem or learning rate too low: the train loss barely moves"
-    best = int(np.argmin(val))
-    if val[-1] > 1.1 * val[best] and best < len(val) - 1 and train[-1] < train[best]:
-        return f"overfitting: val loss is lowest at epoch {best + 1} and rises while train loss falls"
-    recent = (train[-3] - train[-1]) / max(abs(train[-3]), 1e-12)
-    if recent > 0.05:
-        return "still learning: the train loss is still falling; more epochs would help"
-    return "converged: train and val losses have flattened"
-
-
-def _plot_confusion(confusion: dict, path: Path) -> str:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(confusion), figsize=(6 * len(confusion), 5))
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    fig.clf()
+    _pyplot().close(fig)
+    return str(path)
+
+
+def _plot_confusion(confusion: dict, names: list[str], path: Path) -> str:
+    """Row-normalized confusion matrices (recall on the diagonal), counts in the cells, class names on the axes."""
+    plt = _pyplot()
+    k = len(names)
+    fig, axes = plt.subplots(1, len(confusion), figsize=(max(6, 0.6 * k + 2) * len(confusion), max(5, 0.55 * k + 1.5)))
     for ax, (tag, cm) in zip(np.atleast_1d(axes), confusion.items()):
         norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        acc = np.trace(cm) / max(cm.sum(), 1)
-        ax.set_title(f"{tag} BN recalibration (accuracy {acc:.4f})")
+        ax.set_title(f"{_TITLES[tag]} (accuracy {np.trace(cm) / max(cm.sum(), 1):.4f})")
+        ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        for i in range(cm.shape[0]):
-            for j in range(cm.shape[1]):
-                if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    if cm[i, j]:
+                        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if norm[i, j] > 0.5 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    return _save(fig, path)
+
+
+_TITLES = {"before": "as trained (EMA statistics)", "after": "recalibrated"}
+
+
+def _plot_reliability(scores: dict, path: Path) -> str:
+    """Reliability diagram: accuracy against confidence per bin (the diagonal is perfect calibration),
+    with the share of rows per bin below."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(scores), figsize=(5 * len(scores), 6), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
+    for col, (tag, s) in enumerate(scores.items()):
+        r = s.reliability()
+        edges = np.asarray(r["edges"])
+        width = edges[1] - edges[0]
+        acc = np.nan_to_num(np.asarray(r["accuracy"], dtype=float))
+        conf = np.asarray(r["confidence"], dtype=float)
+        top, bottom = axes[0, col], axes[1, col]
+        top.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", label="accuracy in bin")
+        filled = ~np.isnan(conf)
+        top.bar(edges[:-1][filled], conf[filled] - acc[filled], bottom=acc[filled], width=width, align="edge",
+                color="tab:red", alpha=0.3, label="gap to mean confidence")
+        top.plot([0, 1], [0, 1], "k--", lw=1)
+        top.set_title(f"{_TITLES[tag]}: ECE {s.ece():.4f}")
+        top.set_ylabel("accuracy")
+        top.set_ylim(0, 1)
+        top.legend(fontsize=7, loc="upper left")
+        bottom.bar(edges[:-1], np.asarray(r["rows"]) / max(s.rows, 1), width=width, align="edge", color="gray")
+        bottom.set_xlabel("confidence (largest softmax probability)")
+        bottom.set_ylabel("share of rows")
+        bottom.set_xlim(0, 1)
+    return _save(fig, path)
+
+
+def _plot_per_class_f1(per_class: dict, names: list[str], path: Path) -> str:
+    plt = _pyplot()
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * k + 2), 4))
+    x = np.arange(k)
+    for i, (tag, pc) in enumerate(per_class.items()):
+        ax.bar(x + (i - 0.5) * 0.4, pc["f1"], width=0.4, label=f"{_TITLES[tag]}, macro-F1 {pc['f1'].mean():.4f}")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("F1 on the test split")
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
 
 
 def _plot_curves(epochs: list[dict], diagnosis: str, path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    """Train vs val loss and accuracy per epoch, and the learning rate on its own (log) axis."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     e = [r["epoch"] for r in epochs]
-    for key, ax in (("loss", ax1), ("accuracy", ax2)):
+    for key, ax in zip(("loss", "accuracy"), axes):
         ax.plot(e, [r[f"train_{key}"] for r in epochs], "o-", label=f"train {key}")
         ve = [(r["epoch"], r[f"val_{key}"]) for r in epochs if f"val_{key}" in r]
         if ve:
             ax.plot(*zip(*ve), "s-", label=f"val {key}")
         ax.set_xlabel("epoch")
+        ax.set_title(key)
         ax.legend()
         ax.grid(alpha=0.3)
+    lr = [(r["epoch"], r["lr"]) for r in epochs if r.get("lr", 0) > 0]
+    if lr:
+        axes[2].plot(*zip(*lr), "o-", color="tab:green")
+        axes[2].set_yscale("log")
+    axes[2].set_title("learning rate (at the start of the epoch)")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
     fig.suptitle(diagnosis, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)

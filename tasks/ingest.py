@@ -19,6 +19,8 @@ from schemas.errors import DataError
 from tasks import arrow_io
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -38,14 +40,16 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     if cfg.source == "fashion_mnist":
         (x_train, y_train), (x_test, y_test) = _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR))
         image_shape, pixel_max = (1, 28, 28), 255.0
+        class_names = cfg.class_names or FASHION_MNIST_CLASSES
     elif cfg.source == "digits":
         (x_train, y_train), (x_test, y_test) = _digits()
         image_shape, pixel_max = (1, 8, 8), 16.0
+        class_names = cfg.class_names or [str(i) for i in range(10)]
     else:
         if not cfg.path:
             raise DataError("data.path is not set: the parquet source needs a directory holding train/ and test/ Parquet")
         (x_train, y_train), (x_test, y_test), feature_names = _parquet(cfg)
-        image_shape = cfg.image_shape
+        image_shape, class_names = cfg.image_shape, cfg.class_names
         pixel_max = float(max(np.nanmax(x_train), 1e-12)) if len(x_train) else 1.0
     if cfg.shift is not None and not image_shape:
         raise DataError("data.shift: corruptions need image data; set data.image_shape for a parquet source of images "
@@ -75,7 +79,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
         parts.update(shifted_splits(cfg.shift, x_test, y_test, image_shape, pixel_max))
     splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
     return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape,
-                   feature_names=feature_names)
+                   feature_names=feature_names, class_names=class_names)
 
 
 def shifted_splits(cfg, x_test: np.ndarray, y_test: np.ndarray, image_shape, pixel_max: float) -> dict:

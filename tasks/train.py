@@ -81,7 +81,8 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "seed": seed,
         "spec": ModelSpec(num_features=data.num_features, num_classes=data.num_classes,
-                          image_shape=data.image_shape, feature_names=data.feature_names).model_dump(mode="json"),
+                          image_shape=data.image_shape, feature_names=data.feature_names,
+                          class_names=data.class_names).model_dump(mode="json"),
         "norm_stats": NormStats.load(norm_stats.path).model_dump(mode="json"),
         "diverged_path": str(diverged.resolve()), "progress_path": str(progress.resolve()),
         "files": {name: [str(Path(f).resolve()) for f in fs] for name, fs in files.items()},

@@ -11,12 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import served
 from pipeline.cli import main
 from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 STAGES = {"ingest", "normalize", "train", "recalibrate", "evaluate"}
 EPOCHS = 4
+MODEL = "itest-digits"
 
 
 def _runs(client, exp_name, run_id):
@@ -30,7 +32,8 @@ def digits_run(mlflow_server, tmp_path_factory):
     args = ["run", "--recipe", "digits", "--run-id", "itest-digits", "--set", f"storage={storage}",
             "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
             "--set", f"train.epochs={EPOCHS}", "--set", "data.shift.corruptions=[brightness, inverted]",
-            "--set", "data.shift.severities=[5]", "--set", "data.shift.rows=200"]
+            "--set", "data.shift.severities=[5]", "--set", "data.shift.rows=200",
+            "--set", f"tracking.register_model={MODEL}"]
     assert main(args) == 0
     return args, storage, MlflowClient(mlflow_server)
 
@@ -79,7 +82,8 @@ def test_artifacts_inputs_and_models(digits_run):
     runs = {r.data.tags[TAG_STAGE]: r for r in _runs(client, "itest", "itest-digits")}
     ev = runs["evaluate"].info.run_id
     names = {a.path for a in client.list_artifacts(ev)}
-    assert {"confusion_matrix.png", "loss_curves.png", "evaluation.json"} <= names
+    assert {"confusion_matrix.png", "learning_curves.png", "reliability_diagram.png", "per_class_f1.png",
+            "per_class_metrics.csv", "evaluation.json"} <= names
     assert "norm_stats.json" in {a.path for a in client.list_artifacts(runs["normalize"].info.run_id)}
     assert runs["normalize"].data.metrics["dropped_rows_test"] == 0.0
 
@@ -96,9 +100,85 @@ def test_artifacts_inputs_and_models(digits_run):
     y = raw.column("label").to_numpy()
     for stage, name in (("train", "model_trained"), ("recalibrate", "model_recalibrated")):
         model = mlflow.pyfunc.load_model(f"runs:/{runs[stage].info.run_id}/{name}")
-        logits = np.asarray(model.predict(x))
-        assert logits.shape == (len(y), 10)
-        assert (logits.argmax(1) == y).mean() >= 0.9
+        out = model.predict(x)
+        probs = out[[f"probability.{c}" for c in range(10)]].to_numpy()
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-9)
+        assert (out["predicted_class"].to_numpy() == probs.argmax(1)).all()
+        assert (out["predicted_name"] == out["predicted_class"].astype(str)).all()  # digits' names are their numbers
+        assert (out["predicted_class"].to_numpy() == y).mean() >= 0.9
+
+
+def test_evaluate_metrics_match_scikit_learn_on_the_checkpoints(digits_run):
+    """Every logged headline and per-class metric recomputed from the checkpoints on the normalized
+    test split with scikit-learn (ECE with the textbook bin loop)."""
+    import torch
+    from sklearn import metrics as skm
+
+    from schemas.artifacts import CheckpointState
+    from tasks.nn.models import model_from_checkpoint
+    from tests.unit.test_metrics import _ece_reference
+
+    _, storage, client = digits_run
+    runs = {r.data.tags[TAG_STAGE]: r for r in _runs(client, "itest", "itest-digits")}
+    m = runs["evaluate"].data.metrics
+    test = pq.read_table(storage / "itest-digits" / "normalize" / "test")
+    x = torch.from_numpy(test.column("features").combine_chunks().flatten().to_numpy().reshape(test.num_rows, -1).copy())
+    y = test.column("label").to_numpy()
+    for tag, stage in (("before", "train"), ("after", "recalibrate")):
+        model = model_from_checkpoint(CheckpointState.load(storage / "itest-digits" / stage / "checkpoint.pt"))
+        with torch.no_grad():
+            probs = torch.softmax(model(x).double(), 1).numpy()
+        pred = probs.argmax(1)
+        assert m[f"test_accuracy_{tag}_recal"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-9)
+        assert m[f"test_top5_accuracy_{tag}_recal"] == pytest.approx(skm.top_k_accuracy_score(y, probs, k=5), abs=1e-9)
+        assert m[f"test_loss_{tag}_recal"] == pytest.approx(skm.log_loss(y, probs), rel=1e-5)
+        assert m[f"test_macro_f1_{tag}_recal"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-9)
+        assert m[f"test_ece_{tag}_recal"] == pytest.approx(_ece_reference(probs, y), abs=1e-6)
+        p, r, f1, _ = skm.precision_recall_fscore_support(y, pred, zero_division=0)
+        for c in range(10):
+            assert m[f"test_precision_{tag}_recal.{c}"] == pytest.approx(p[c], abs=1e-9)
+            assert m[f"test_recall_{tag}_recal.{c}"] == pytest.approx(r[c], abs=1e-9)
+            assert m[f"test_f1_{tag}_recal.{c}"] == pytest.approx(f1[c], abs=1e-9)
+            assert m[f"test_nll_{tag}_recal.{c}"] == pytest.approx(-np.log(probs[y == c, c]).mean(), rel=1e-5)
+    # the curve reading, on the evaluate run and the parent (where the runs table shows it)
+    for stage in ("evaluate", "pipeline"):
+        tags = runs[stage].data.tags
+        assert tags["bnflow.curves"] in ("still_learning", "converged", "overfitting")
+        assert tags["bnflow.curves_note"].startswith(tags["bnflow.curves"].replace("_", " "))
+    assert "test_f1_after_recal.3" not in runs["pipeline"].data.metrics  # per-class ones stay on the evaluate run
+
+
+def test_the_first_registered_model_becomes_the_champion(digits_run):
+    _, _, client = digits_run
+    runs = {r.data.tags[TAG_STAGE]: r for r in _runs(client, "itest", "itest-digits")}
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert version.run_id == runs["recalibrate"].info.run_id and version.tags["bnflow.run_id"] == "itest-digits"
+    assert version.tags["bnflow.gate"] == "promoted" and version.tags["bnflow.gate_reason"].startswith("first model")
+    ev = runs["evaluate"].data
+    assert ev.tags["bnflow.gate"] == "promoted" and ev.tags["bnflow.model_version"] == f"{MODEL}/{version.version}"
+    # scored through the registered pyfunc on the RAW test rows: the evaluate stage's number
+    assert ev.metrics["gate_accuracy_candidate"] == pytest.approx(ev.metrics["test_accuracy_after_recal"], abs=2e-3)
+
+
+def test_a_run_made_to_overfit_is_read_as_overfitting_and_not_promoted(digits_run, mlflow_server, capsys):
+    """40 training rows, 40 epochs, no weight decay, a constant rate: the val loss turns up while the
+    train loss keeps falling. Registered under the same name as the digits run's model, it is far
+    worse on the same test rows and the champion stays where it was."""
+    _, storage, client = digits_run
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    assert main(["run", "--recipe", "digits", "--run-id", "itest-overfit", "--set", f"storage={storage}",
+                 "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
+                 "--set", "data.max_train_rows=80", "--set", "data.val_fraction=0.5", "--set", "train.epochs=40",
+                 "--set", "train.batch_size=10", "--set", "train.optimizer.weight_decay=0", "--set", "train.schedule.kind=constant",
+                 "--set", "recalibrate.estimator=ema", "--set", f"tracking.register_model={MODEL}"]) == 0
+    out = capsys.readouterr().out
+    assert "training curves: overfitting" in out and "not promoted" in out
+    runs = {r.data.tags[TAG_STAGE]: r for r in _runs(client, "itest", "itest-overfit")}
+    assert runs["pipeline"].data.tags["bnflow.curves"] == "overfitting"
+    ev = runs["evaluate"].data
+    assert ev.tags["bnflow.gate"] == "not promoted"
+    assert ev.metrics["gate_accuracy_candidate"] < ev.metrics["gate_accuracy_champion"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion
 
 
 def test_recalibration_on_two_workers_equals_one_process_over_the_same_batches(digits_run):
@@ -181,8 +261,9 @@ def test_adapt_reestimates_a_logged_models_statistics_on_unlabeled_rows(digits_r
     assert client.get_model_version("itest-adapted", "1").run_id == run_id
 
     mlflow.set_tracking_uri(mlflow_server)
-    source = mlflow.pytorch.load_model(uri)
-    adapted = mlflow.pytorch.load_model(f"runs:/{run_id}/model_adapted")
+    source = served.load(uri)[0]
+    adapted, names, _ = served.load(f"runs:/{run_id}/model_adapted")
+    assert names == [str(c) for c in range(10)]
     # Independent float64 check of the first BN layer: its input is Linear(normalized rows), whatever
     # the batches; the rows are adapt's seeded sample.
     rows = torch.from_numpy(x[:1200][np.random.default_rng(0).permutation(1200)[:1000]]).double()
@@ -288,6 +369,7 @@ def test_a_wide_table_trains_and_its_served_model_takes_columns_by_name(mlflow_s
     assert main(["run", "--recipe", "digits", "--run-id", "itest-wine", "--set", f"storage={storage}",
                  "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
                  "--set", "data.source=parquet", "--set", f"data.path={src}", "--set", "data.num_classes=3",
+                 "--set", "data.class_names=[barolo, grignolino, barbera]",
                  "--set", "train.epochs=3", "--set", "train.batch_size=16", "--set", "recalibrate.estimator=ema"]) == 0
 
     manifest = json.loads((storage / "itest-wine" / "ingest" / "manifest.json").read_text())
@@ -299,6 +381,9 @@ def test_a_wide_table_trains_and_its_served_model_takes_columns_by_name(mlflow_s
     assert model.metadata.get_input_schema().input_names() == names
     x = test[names].astype("float32").reset_index(drop=True)
     shuffled = x[list(reversed(names))]  # the caller's column order does not matter: names do
-    np.testing.assert_array_equal(model.predict(x), model.predict(shuffled))
+    out = model.predict(x)
+    np.testing.assert_array_equal(out, model.predict(shuffled))
+    assert list(out.columns[2:]) == ["probability.barolo", "probability.grignolino", "probability.barbera"]
+    assert (out["predicted_name"] == np.array(["barolo", "grignolino", "barbera"])[test["label"].to_numpy()]).mean() >= 0.8
     with pytest.raises(MlflowException, match="proline"):
         model.predict(x.drop(columns=["proline"]))

@@ -1,4 +1,4 @@
-"""Pure parts of the train stage: schedules, optimizers, initialization, models, curve diagnosis."""
+"""Pure parts of the train stage: schedules, optimizers, initialization, models, shards, progress."""
 
 import math
 
@@ -7,7 +7,6 @@ import torch
 
 from schemas.config import (AdadeltaConfig, AdagradConfig, AdamConfig, ModelConfig, RMSpropConfig, ScheduleConfig,
                             SGDConfig)
-from tasks.evaluate import diagnose
 from tasks.nn.models import build_model
 from tasks.train import build_optimizer, build_scheduler
 
@@ -94,16 +93,6 @@ def test_models_produce_logits_and_have_no_redundant_bias():
     for layer, nxt in zip(layers, layers[1:]):
         if isinstance(nxt, torch.nn.modules.batchnorm._BatchNorm):
             assert layer.bias is None
-
-
-def test_diagnosis_reads_the_curves():
-    def h(train, val):
-        return [{"epoch": i + 1, "train_loss": t, "val_loss": v} for i, (t, v) in enumerate(zip(train, val))]
-    assert diagnose(h([1, 0.5, 0.3, 0.2, 0.1, 0.05], [1, 0.6, 0.5, 0.6, 0.8, 1.0])).startswith("overfitting")
-    assert diagnose(h([1, 0.8, 0.6, 0.4], [1, 0.8, 0.6, 0.45])).startswith("still learning")
-    assert diagnose(h([1, 0.5, 0.4, 0.399, 0.398], [1, 0.5, 0.45, 0.45, 0.45])).startswith("converged")
-    assert diagnose(h([1, 0.5, 2.0, math.inf], [1, 1, 1, 1])).startswith("diverging")
-    assert diagnose(h([1.0, 0.99, 0.98, 0.98], [1, 1, 1, 1])).startswith("data problem")
 
 
 def _split_sorted_by_label(tmp_path, sizes):
