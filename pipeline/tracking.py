@@ -341,6 +341,9 @@ class _StageRun:
             elif isinstance(art, A.TrainHistory):
                 self.client.log_artifact(self.run_id, art.path)
                 self.client.set_tag(self.run_id, "bnflow.bn_mode", self.tracker.cfg.train.bn_mode)
+                stop = {"bnflow.stop_reason": art.stop_reason or "ran every epoch",
+                        **({"bnflow.best_epoch": str(art.best_epoch)} if art.best_epoch is not None else {})}
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in stop.items()])
                 self._fill_epoch_gaps(art.epochs)
             elif isinstance(art, A.Evaluation):
                 metrics = [Metric(k, float(v), 0, 0) for k, v in art.metrics.items()]
@@ -384,6 +387,9 @@ class _StageRun:
 
         state = A.CheckpointState.load(ckpt.path)
         self.client.log_artifact(self.run_id, ckpt.path, artifact_path=f"checkpoints/{name}")
+        # start_run(run_id) refuses a run of another experiment than the process's active one (set
+        # by anything that ran before in this process): make this run's experiment the active one.
+        mlflow.set_experiment(experiment_id=self.tracker.experiment_id)
         with mlflow.start_run(run_id=self.run_id, nested=True):
             info = served.log(served_model(state), f"model_{name}", state.spec.names(), state.spec.feature_names)
         # The logged model's own URI (models:/m-...): the registry takes it without a lookup by run.

@@ -62,6 +62,8 @@ class Checkpoint(_Artifact):
 class TrainHistory(_Artifact):
     path: str = Field(description="JSON list of per-epoch metric dicts.")
     epochs: list[dict[str, float]]
+    stop_reason: Optional[str] = Field(None, description="Why training stopped before train.epochs (early stopping).")
+    best_epoch: Optional[int] = Field(None, description="Epoch of the lowest val loss; its weights are the trained checkpoint under early stopping.")
 
 
 class Evaluation(_Artifact):
@@ -163,6 +165,9 @@ class CheckpointState(_Artifact):
     rng: Optional[dict[str, Any]] = Field(None, description="torch RNG state at the end of the epoch.")
     history: list[dict[str, float]] = Field(default_factory=list, description="Per-epoch metrics up to ``epoch``.")
     recalibration: Optional[dict[str, Any]] = Field(None, description="recalibrate: rows and split used.")
+    best_model: Optional[dict[str, Any]] = Field(
+        None, description="train with early stopping: the state dict of the lowest-val-loss epoch so far (tensors).")
+    stop_reason: Optional[str] = Field(None, description="train: why it stopped before train.epochs.")
 
     def save(self, path: Path) -> None:
         import torch

@@ -157,6 +157,26 @@ class ModelConfig(_Strict):
         return self
 
 
+class EarlyStoppingConfig(_Strict):
+    """When training stops before train.epochs (tasks/convergence.py); both rules off by default."""
+
+    patience: Optional[int] = Field(
+        None, ge=1, description="Stop when the val loss has not improved by more than min_delta for this many val "
+                                "evaluations; the trained checkpoint then holds the best epoch's weights. null: off.")
+    min_delta: float = Field(0.0, ge=0.0, description="Improvement of the val loss that counts (absolute).")
+    train_window: Optional[int] = Field(
+        None, ge=1, description="Stop when the train loss changed by less than train_min_change over this many epochs. null: off.")
+    train_min_change: float = Field(1e-3, gt=0.0, description="Relative change of the train loss below which it counts as converged.")
+
+
+class GradHealthConfig(_Strict):
+    """Flags on the per-layer gradient norms logged every epoch (tasks/convergence.py)."""
+
+    vanishing_ratio: float = Field(1e-3, gt=0.0, description="Flag vanishing gradients when the first weight layer's norm "
+                                                             "over the last one's falls below this.")
+    exploding_norm: float = Field(1e3, gt=0.0, description="Flag exploding gradients when a step's global gradient norm exceeds this.")
+
+
 class TrainConfig(_Strict):
     workers: int = Field(2, ge=1, description="Ray Train workers (one DDP process each).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved by each worker; torch uses this many threads.")
@@ -173,6 +193,8 @@ class TrainConfig(_Strict):
     grad_clip_norm: Optional[float] = Field(None, gt=0.0, description="Clip the global gradient norm to this value; null to disable.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture and initialization.")
     eval_every: int = Field(1, ge=1, description="Compute val loss/accuracy every this many epochs.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig, description="Stopping before train.epochs.")
+    grad_health: GradHealthConfig = Field(default_factory=GradHealthConfig, description="Gradient-norm flags.")
     max_failures: int = Field(
         2, ge=-1, description="Restart the worker group from the last epoch checkpoint after this many worker failures (Ray Train FailureConfig; -1: no limit).")
 
@@ -217,7 +239,10 @@ class CurvesConfig(_Strict):
     window: int = Field(3, ge=1, description="Points (epochs, val evaluations) over which a curve's recent trend is read.")
     flat: float = Field(0.01, ge=0.0, description="A curve is flat when it fell by at most this share over the window.")
     overfit_rise: float = Field(0.1, gt=0.0, description="Overfitting when the val loss ends this share above its minimum.")
-    diverge_rise: float = Field(0.5, gt=0.0, description="Diverging when the train loss ends this share above its minimum.")
+    overfit_gap: float = Field(2.0, gt=1.0, description="Overfitting when, both curves flat, the final val loss exceeds this multiple of the final train loss.")
+    diverge_rise: float = Field(
+        0.5, gt=0.0, description="Diverging when the train loss ends above its minimum by this share of the larger of the "
+                                 "minimum and the drop from the first epoch to it.")
     data_gap: float = Field(0.5, gt=0.0, lt=1.0, description="Data problem when the final val loss is below this fraction of the final train loss.")
 
 

@@ -4,8 +4,9 @@ The reading looks at the curves' recent trend over ``window`` points (epochs for
 evaluations for the val loss) with the thresholds of ``CurvesConfig``, in this order -- the first
 case that matches wins, because a diverging run also "does not converge" and so on:
 
-1. diverging: a loss is non-finite, or the train loss ends more than ``diverge_rise`` above its
-   minimum. Next: lower the learning rate, clip gradients.
+1. diverging: a loss is non-finite, or the train loss ends above its minimum by more than
+   ``diverge_rise`` times the larger of that minimum and the drop from the first epoch to it (so
+   the noise of a near-zero loss is not a divergence). Next: lower the learning rate, clip gradients.
 2. too short: fewer than ``window + 1`` points of either curve; no trend can be read.
 3. data problem: the final val loss is below ``data_gap`` times the final train loss (val far
    easier than train), or the train loss is flat over the window while the val loss still falls.
@@ -13,7 +14,9 @@ case that matches wins, because a diverging run also "does not converge" and so 
 4. overfitting: the val loss ends more than ``overfit_rise`` above its minimum, or the train loss
    falls while the val loss is flat. Next: regularize (weight decay), more data, stop earlier.
 5. still learning: both fall over the window. Next: train longer.
-6. converged: both flat. Next: nothing to gain from more epochs; change the model or the data.
+6. overfitting, by the gap: both flat, and the final val loss is more than ``overfit_gap`` times
+   the final train loss (the network fits the train rows far better than new ones: high variance).
+7. converged: both flat. Next: nothing to gain from more epochs; change the model or the data.
 
 "Falls" means dropped by more than ``flat`` (a share of the value at the window's start); the val
 curve's drop is that of its best value, so one noisy evaluation does not read as a trend.
@@ -43,8 +46,9 @@ def read_curves(epochs: list[dict], cfg: CurvesConfig) -> Reading:
     w = cfg.window
     if not all(map(math.isfinite, train + val)):
         return Reading("diverging", "diverging: a loss became non-finite; lower train.optimizer.lr or set train.grad_clip_norm")
-    if train and train[-1] > (1 + cfg.diverge_rise) * min(train):
-        return Reading("diverging", f"diverging: the train loss ends at {train[-1]:.3g}, {train[-1] / min(train):.2f}x its minimum; "
+    low = min(train) if train else 0.0
+    if train and train[-1] - low > cfg.diverge_rise * max(low, train[0] - low):
+        return Reading("diverging", f"diverging: the train loss ends at {train[-1]:.3g}, up from its minimum {low:.3g}; "
                                     "lower train.optimizer.lr or set train.grad_clip_norm")
     if len(train) <= w or len(val) <= w:
         return Reading("too_short", f"too short to read: {len(train)} epochs and {len(val)} val points, the trend needs "
@@ -65,6 +69,9 @@ def read_curves(epochs: list[dict], cfg: CurvesConfig) -> Reading:
                                       "train loss falls; add weight decay, more data, or stop earlier")
     if train_drop > cfg.flat:
         return Reading("still_learning", "still learning: train and val losses are both falling; train more epochs")
+    if val[-1] > cfg.overfit_gap * train[-1]:
+        return Reading("overfitting", f"overfitting: both losses have flattened with val loss {val[-1]:.3g} far above train loss "
+                                      f"{train[-1]:.3g}; add weight decay or more data, or use a smaller model")
     return Reading("converged", "converged: train and val losses have flattened; more epochs will not help, "
                                 "change the model or the data to do better")
 

@@ -15,6 +15,7 @@ from schemas.artifacts import Checkpoint, CheckpointState, Dataset, Evaluation, 
 from schemas.config import EvaluateConfig
 from tasks import arrow_io, shift
 from tasks.console import Progress
+from tasks.convergence import grad_health
 from tasks.curves import read_curves
 from tasks.metrics import Scores
 from tasks.nn.models import model_from_checkpoint
@@ -57,6 +58,9 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
             metrics.update({f"test_{key}_{tag}_recal.{_metric_name(name)}": float(v)
                             for name, v in zip(names, per_class[tag][key]) if np.isfinite(v)})
     reading = read_curves(history.epochs, cfg.curves)
+    health, health_note = grad_health(history.epochs)
+    if health_note:  # the curve line names the likely cause when the gradients were flagged
+        reading = reading._replace(note=f"{reading.note}; {health_note}")
     report = {"metrics": metrics, "curves": reading.kind, "diagnosis": reading.note, "class_names": names,
               "confusion_before_recal": scores["before"].confusion.tolist(),
               "confusion_after_recal": scores["after"].confusion.tolist(),
@@ -77,7 +81,8 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
         files += _write_shift_table(table, out_dir / "shift_accuracy.csv")
         files.append(_plot_shift(table, f"recalibrated ({recal.get('estimator', '?')} on {recal.get('split', '?')})",
                                  out_dir / "shift_accuracy.png"))
-    return Evaluation(metrics=metrics, files=files, tags={"bnflow.curves": reading.kind, "bnflow.curves_note": reading.note})
+    return Evaluation(metrics=metrics, files=files, tags={"bnflow.curves": reading.kind, "bnflow.curves_note": reading.note,
+                                                          "bnflow.grad_health": health})
 
 
 def _metric_name(name: str) -> str:

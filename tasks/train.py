@@ -26,6 +26,7 @@ from schemas.config import OptimizerConfig, ScheduleConfig, TrainConfig
 from schemas.errors import DataError, TrainingDiverged
 from tasks import arrow_io
 from tasks.console import Progress, say
+from tasks.convergence import GradMonitor, best_epoch, stop_reason
 from tasks.nn import convert_sync_batchnorm
 from tasks.nn.models import build_model
 
@@ -108,11 +109,17 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         raise TrainingDiverged(diverged.read_text().strip())
     with result.checkpoint.as_directory() as d:
         state = CheckpointState.load(Path(d) / CHECKPOINT_FILE)
+    best = best_epoch(state.history)
+    if state.best_model is not None:  # early stopping: the trained weights are the best epoch's
+        state = state.model_copy(update={"model": state.best_model, "best_model": None})
+        say(f"train: {'stopped after epoch ' + str(state.epoch) + ': ' + state.stop_reason if state.stop_reason else 'ran every epoch'}; "
+            f"the trained weights are epoch {best}'s (lowest val loss)")
     state.save(out_dir / CHECKPOINT_FILE)
     (out_dir / "history.json").write_text(json.dumps(state.history, indent=1))
     path = out_dir / CHECKPOINT_FILE
     return (Checkpoint(path=str(path), digest=arrow_io.file_digest(path), epoch=state.epoch, bn_mode=cfg.bn_mode),
-            TrainHistory(path=str(out_dir / "history.json"), epochs=state.history))
+            TrainHistory(path=str(out_dir / "history.json"), epochs=state.history, stop_reason=state.stop_reason,
+                         best_epoch=best))
 
 
 def fit_interruptibly(trainer, watch: Callable[[], None]):
@@ -160,6 +167,7 @@ def _train_loop(config: dict) -> None:
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.epochs)
     history: list[dict] = []
+    best_model, stopped = None, None
     restored = ray.train.get_checkpoint()
     if restored is not None:  # a restarted worker group or a resumed run: continue after its epoch
         with restored.as_directory() as d:
@@ -168,7 +176,7 @@ def _train_loop(config: dict) -> None:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.rng["torch"])
-        history = state.history
+        history, best_model, stopped = state.history, state.best_model, state.stop_reason
     progress = _ProgressFile(config["progress_path"], steps=len(y_train) // cfg.batch_size, history=history,
                              clock=clock) if rank == 0 else None
     ddp_model = _distribute(model, cfg.bn_mode, world)
@@ -181,8 +189,12 @@ def _train_loop(config: dict) -> None:
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
         if int(both[0]) != -int(both[1]):
             raise RuntimeError(f"rank {rank}: {steps} steps per epoch, but ranks range over {-int(both[1])}..{int(both[0])}")
+    grads = GradMonitor(model, cfg.grad_health)
+    keep_best = cfg.early_stopping.patience is not None or cfg.early_stopping.train_window is not None
     clock.mark("model_ready")
     for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if stopped:  # restored after the epoch that decided to stop
+            break
         t0 = time.perf_counter()
         ddp_model.train()
         lr = optimizer.param_groups[0]["lr"]
@@ -195,6 +207,7 @@ def _train_loop(config: dict) -> None:
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grads.step()  # the all-reduced gradients, before clipping can hide an explosion
             if cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip_norm)
             optimizer.step()
@@ -220,15 +233,22 @@ def _train_loop(config: dict) -> None:
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             with clock.span("validation"):
                 metrics.update(validate(model, x_val, y_val, device, world, cfg.bn_mode))
+        metrics.update(grads.epoch_metrics())
+        # Every rank keeps the history: the stopping rule reads it, and its inputs (all-reduced
+        # losses) are the same on every rank, so all ranks stop after the same epoch.
+        history.append({"epoch": epoch, **metrics})
+        stopped = stop_reason(history, cfg.early_stopping)
+        if keep_best and rank == 0 and best_epoch(history) == epoch:
+            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if rank == 0:
-            history.append({"epoch": epoch, **metrics})
             with clock.span("checkpoint"):
                 state = CheckpointState(
                     # SyncBatchNorm and BatchNorm share their state-dict keys: no conversion needed.
                     model={k: v.detach().cpu() for k, v in model.state_dict().items()},
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state()},
                     epoch=epoch, config=config["cfg"], bn_mode=cfg.bn_mode, spec=spec,
-                    norm_stats=NormStats.model_validate(config["norm_stats"]), history=history)
+                    norm_stats=NormStats.model_validate(config["norm_stats"]), history=history,
+                    best_model=best_model, stop_reason=stopped)
                 with tempfile.TemporaryDirectory() as d:
                     state.save(Path(d) / CHECKPOINT_FILE)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -238,9 +258,11 @@ def _train_loop(config: dict) -> None:
             progress.write(epoch, steps, force=True)
         else:
             ray.train.report(metrics, checkpoint=None)
+        if stopped:
+            break
     clock.mark("loop_end")
     if progress is not None:
-        progress.write(cfg.epochs, steps, force=True)
+        progress.write(len(history), steps, force=True)
 
 
 class _Clock:
@@ -318,7 +340,13 @@ class _ProgressWatch:
             if h["epoch"] > self.said_epoch:
                 self.said_epoch = h["epoch"]
                 if self.bar.bar is None:  # a log, not a terminal: the epoch's line is its progress
-                    say(f"train epoch {h['epoch']}/{self.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in h.items() if k != "epoch"))
+                    say(f"train epoch {h['epoch']}/{self.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in h.items()
+                                                                               if k != "epoch" and not k.startswith("grad_")))
+                for flag in ("grad_vanishing", "grad_exploding"):  # once per run: the curve reading repeats it
+                    if h.get(flag) and flag not in self.said_notes:
+                        self.said_notes.add(flag)
+                        say(f"train: gradients {flag.removeprefix('grad_')} at epoch {h['epoch']} "
+                            f"(first/last layer norm ratio {h['grad_first_to_last']:.2g}, largest norm {h['grad_norm_max']:.3g})")
                 t0 = time.perf_counter()
                 note = self.on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"}) if self.on_epoch else None
                 self.on_epoch_s += time.perf_counter() - t0

@@ -160,25 +160,49 @@ def test_the_first_registered_model_becomes_the_champion(digits_run):
     assert ev.metrics["gate_accuracy_candidate"] == pytest.approx(ev.metrics["test_accuracy_after_recal"], abs=2e-3)
 
 
-def test_a_run_made_to_overfit_is_read_as_overfitting_and_not_promoted(digits_run, mlflow_server, capsys):
-    """40 training rows, 40 epochs, no weight decay, a constant rate: the val loss turns up while the
-    train loss keeps falling. Registered under the same name as the digits run's model, it is far
-    worse on the same test rows and the champion stays where it was."""
+def test_a_run_made_to_overfit_is_read_as_overfitting_stopped_early_and_not_promoted(digits_run, mlflow_server, capsys):
+    """40 training rows, no weight decay, a constant rate: the val loss turns up while the train loss
+    keeps falling. Early stopping (patience 8) ends it and keeps the best epoch's weights; the curves
+    read as overfitting; registered under the digits run's model name, it is far worse on the same
+    test rows and the champion stays where it was."""
+    import torch
+
+    from schemas.artifacts import CheckpointState
+    from tasks.nn.models import model_from_checkpoint
+
     _, storage, client = digits_run
     champion = client.get_model_version_by_alias(MODEL, "champion").version
+    epochs = 60
     assert main(["run", "--recipe", "digits", "--run-id", "itest-overfit", "--set", f"storage={storage}",
                  "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest",
-                 "--set", "data.max_train_rows=80", "--set", "data.val_fraction=0.5", "--set", "train.epochs=40",
+                 "--set", "data.max_train_rows=80", "--set", "data.val_fraction=0.5", "--set", f"train.epochs={epochs}",
                  "--set", "train.batch_size=10", "--set", "train.optimizer.weight_decay=0", "--set", "train.schedule.kind=constant",
+                 "--set", "train.early_stopping.patience=8",
                  "--set", "recalibrate.estimator=ema", "--set", f"tracking.register_model={MODEL}"]) == 0
     out = capsys.readouterr().out
     assert "training curves: overfitting" in out and "not promoted" in out
     runs = {r.data.tags[TAG_STAGE]: r for r in _runs(client, "itest", "itest-overfit")}
     assert runs["pipeline"].data.tags["bnflow.curves"] == "overfitting"
+    assert runs["pipeline"].data.tags["bnflow.grad_health"] == "ok"
     ev = runs["evaluate"].data
     assert ev.tags["bnflow.gate"] == "not promoted"
     assert ev.metrics["gate_accuracy_candidate"] < ev.metrics["gate_accuracy_champion"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion
+
+    # Early stopping: it stopped 8 evaluations after the best one, and the trained checkpoint holds
+    # the best epoch's weights: recomputed in float64, their val loss is the one logged at that epoch.
+    train = runs["train"].data.tags
+    history = json.loads((storage / "itest-overfit" / "train" / "history.json").read_text())
+    best = int(train["bnflow.best_epoch"])
+    assert len(history) == best + 8 < epochs and "has not improved" in train["bnflow.stop_reason"]
+    assert min(h["val_loss"] for h in history) == history[best - 1]["val_loss"]
+    assert len(client.get_metric_history(runs["train"].info.run_id, "grad_norm/body.0")) == len(history)
+    val = pq.read_table(storage / "itest-overfit" / "normalize" / "val")
+    x = torch.from_numpy(val.column("features").combine_chunks().flatten().to_numpy().reshape(val.num_rows, -1).copy())
+    model = model_from_checkpoint(CheckpointState.load(storage / "itest-overfit" / "train" / "checkpoint.pt")).double()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x.double()), torch.from_numpy(val.column("label").to_numpy()).long())
+    assert float(loss) == pytest.approx(history[best - 1]["val_loss"], rel=1e-4)
 
 
 def test_recalibration_on_two_workers_equals_one_process_over_the_same_batches(digits_run):

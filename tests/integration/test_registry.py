@@ -64,6 +64,9 @@ def _gate(mlflow_server, digits, model, run_id, cfg=GateConfig()):
 @pytest.fixture(scope="module")
 def gated(mlflow_server, digits):
     """Three runs in order: a decent model, a worse one, a better one."""
+    # This module leaves "gate" as the process's active MLflow experiment, on purpose: the pipeline
+    # runs of the modules after it (test_reliability) must not depend on it. They once failed with
+    # "active experiment ID does not match" when logging their models.
     return {run_id: _gate(mlflow_server, digits, _model(digits, steps), run_id)
             for run_id, steps in (("first", 30), ("worse", 3), ("better", 300))}
 

@@ -20,6 +20,8 @@ CASES = {
     "converged": ([1.0, 0.5, 0.4, 0.399, 0.398, 0.398], [1.0, 0.5, 0.45, 0.45, 0.449, 0.45]),
     "diverging": ([1.0, 0.5, 0.6, 0.9, 1.4], [1.0, 0.6, 0.7, 1.0, 1.5]),
     "diverging_nan": ([1.0, 0.5, math.nan, math.nan], [1.0, 0.6, math.nan, math.nan]),
+    # train and val flat, val far above train: high variance without a trend left to read
+    "overfitting_gap": ([1.0, 0.3, 0.05, 0.0401, 0.04, 0.04], [1.2, 1.0, 0.9, 0.9, 0.9, 0.9]),
     "data_problem": ([1.0, 0.99, 0.99, 0.99, 0.99], [1.0, 0.9, 0.8, 0.7, 0.6]),
     "data_problem_gap": ([1.0, 0.9, 0.85, 0.84, 0.84], [0.5, 0.4, 0.35, 0.34, 0.34]),
 }
@@ -28,8 +30,17 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_each_case_is_read_as_itself(case):
     reading = read_curves(_history(*CASES[case]), CurvesConfig())
-    assert reading.kind == case.split("_nan")[0].split("_flat")[0].split("_gap")[0]
+    assert reading.kind == case.split("_nan")[0].split("_flat")[0].split("_gap")[0].split("_noise")[0]
     assert reading.note.startswith(reading.kind.replace("_", " "))
+
+
+def test_noise_of_a_near_zero_train_loss_is_not_a_divergence():
+    """A run that overfit 40 rows: train loss 2.7 -> 0.0069 -> 0.0114 (1.65x its minimum, but 0.2% of
+    the drop it made). It read as diverging before the rise was measured against the drop."""
+    train = [2.69, 1.05, 0.16, 0.064, 0.02, 0.0107, 0.0069, 0.0077, 0.0114]
+    val = [2.35, 1.55, 1.21, 1.15, 1.10, 1.093, 1.099, 1.1009, 1.1012]
+    reading = read_curves(_history(train, val), CurvesConfig())
+    assert reading.kind == "overfitting", reading
 
 
 def test_overfitting_names_the_best_epoch():
