@@ -20,6 +20,10 @@ from schemas.errors import ConfigError
     ("train.epochs=0", "train.epochs=0", "greater than or equal to 1"),
     ("train.batch_size=1", "train.batch_size=1", "at least 2 rows"),
     ("model.bn_eps=0", "train.model.bn_eps", None),
+    ("tracking.gate.min_accuracy=2", "tracking.gate.min_accuracy=2", "less than or equal to 1"),
+    ("train.early_stopping.patience=0", "train.early_stopping.patience=0", "greater than or equal to 1"),
+    ("evaluate.curves.overfit_gap=0.5", "evaluate.curves.overfit_gap=0.5", "greater than 1"),
+    ("evaluate.top_k=0", "evaluate.top_k=0", "greater than or equal to 1"),
 ])
 def test_bad_values_name_field_value_and_range(override, field, words):
     if override.startswith("model."):
@@ -47,6 +51,8 @@ def test_cross_field_rules():
         recipes.load("digits", ["train.optimizer.nesterov=true", "train.optimizer.momentum=0"])
     with pytest.raises(ConfigError, match=r"train.schedule.min_lr=0.1 must be below train.optimizer.lr=0.05"):
         recipes.load("digits", ["train.schedule.min_lr=0.1"])
+    with pytest.raises(ConfigError, match=r"data.class_names has 2 names for data.num_classes=10; give one name per class"):
+        recipes.load("digits", ["data.class_names=[a, b]"])
 
 
 def test_each_optimizer_takes_only_its_own_knobs_with_the_course_defaults():
