@@ -1,6 +1,7 @@
 """MLflow tracking: one parent run per pipeline run, one nested child run per stage.
 
-All MLflow calls of bnflow live here. Stages never touch MLflow; the train stage receives an
+A run's MLflow calls live here, in ``pipeline/served.py`` (the logged model) and in
+``pipeline/registry.py`` (the champion gate). Stages never touch MLflow; the train stage receives an
 ``EpochLogger`` that the driver calls once per epoch as the epoch's checkpoint lands, so per-epoch
 metrics appear in the UI while training runs, are written by exactly one process, and never cost
 the training loop a request.
