@@ -37,7 +37,6 @@ def load_source(model_uri: str):
     Raises:
         UserError: the URI does not resolve to a bnflow model in the tracking store.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipeline import served

@@ -62,8 +62,8 @@ def decide(candidate: float, champion: Optional[float], champion_version: Option
     if gain < gate.min_improvement:
         return False, (f"test accuracy {candidate:.4f} vs the {ALIAS}'s {champion:.4f} (version {champion_version}): "
                        f"gain {gain:+.4f} is below tracking.gate.min_improvement={gate.min_improvement}")
-    return True, (f"test accuracy {candidate:.4f} beats the {ALIAS}'s {champion:.4f} (version {champion_version}) "
-                  f"by {gain:+.4f}")
+    return True, (f"test accuracy {candidate:.4f} vs the {ALIAS}'s {champion:.4f} (version {champion_version}): "
+                  f"gain {gain:+.4f} meets tracking.gate.min_improvement={gate.min_improvement}")
 
 
 def accuracy(model_uri: str, x: np.ndarray, y: np.ndarray, feature_names: Optional[list[str]] = None) -> float:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from schemas import arrow
 from schemas.artifacts import Checkpoint, CheckpointState, Dataset, Evaluation, TrainHistory
@@ -207,7 +206,6 @@ def _pyplot():
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    fig.clf()
     _pyplot().close(fig)
     return str(path)
 

@@ -60,7 +60,6 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         DataError: too few rows for one batch per worker, or split files that break the contract.
         TrainingDiverged: the train loss became NaN or inf.
     """
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
