@@ -27,7 +27,7 @@ from schemas.artifacts import CheckpointState
 from tests.conftest import free_port, start_mlflow_server, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
-EPOCHS = 4
+EPOCHS = 8  # a digits epoch takes ~0.2 s: enough of them that a run is still training when killed
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -112,6 +112,18 @@ def _loopback(ip: str) -> bool:
     return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
+def _workers(root: int) -> list[psutil.Process]:
+    """The Ray Train worker processes under ``root``."""
+    out = []
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def _listening(root: int) -> list[tuple[str, str, int]]:
     """(process, address, port) of every listening TCP socket of ``root`` and its descendants."""
     out = []
@@ -137,15 +149,25 @@ def test_killed_driver_resumes_from_its_last_epoch(reference, mlflow_server, tmp
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     proc = _start(args, ray_tmp)
     _wait_for_line(proc, "train epoch 1/")
+    # Epochs are fractions of a second: hold the workers still so that the driver dies mid-training
+    # and not after a finished stage; they go on once it is dead and must then end by themselves.
+    frozen = _workers(proc.pid)
+    for p in frozen:
+        p.suspend()
     listening = _listening(proc.pid)
     proc.kill()  # SIGKILL: no cleanup of any kind
     proc.wait()
+    for p in frozen:
+        try:
+            p.resume()
+        except psutil.NoSuchProcess:
+            pass
     deadline = time.time() + 60
     while _leftovers(ray_tmp) and time.time() < deadline:
         time.sleep(1)
     assert _leftovers(ray_tmp) == []  # no Ray process of the killed driver survives
     assert not (storage / "rel-kill" / "train").exists()  # only the .partial work directory
-    assert [s for s in listening if "RayTrainWorker" in s[0]], listening  # the workers were looked at
+    assert frozen and [s for s in listening if "RayTrainWorker" in s[0]], listening  # the workers were looked at
     assert [s for s in listening if not _loopback(s[1])] == []
 
     assert main(args) == 0
@@ -208,7 +230,7 @@ def test_tracking_outage_mid_training_loses_no_metric_and_no_secret(tmp_path, ca
     uri = f"http://127.0.0.1:{port}"
     secret = "s3cr3t-pw"
     storage = tmp_path / "s"
-    epochs = 20
+    epochs = 40  # several seconds of training: the outage lands mid-training
     partial = storage / "rel-outage" / "train.partial" / "ray_train"
     state = {}
 
