@@ -59,12 +59,19 @@ def split_credentials(uri: str) -> tuple[str, Optional[str], Optional[str]]:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail before any compute when an http(s) tracking server does not answer.
+    """Fail before any compute when an http(s) tracking server does not answer, or when the URI is a
+    file store, which MLflow 3 refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``.
 
     Raises:
         ConfigError: naming the (credential-free) URI and the fix.
     """
-    if not uri.startswith(("http://", "https://")):
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        path = urllib.parse.urlsplit(uri).path if scheme else uri
+        raise ConfigError(f"tracking.uri={uri}: MLflow no longer accepts a file store; use a database, e.g. "
+                          f"tracking.uri=sqlite:///{Path(path).resolve().parent / 'mlflow.db'} (or set "
+                          "MLFLOW_ALLOW_FILE_STORE=true to keep the file store)")
+    if scheme not in ("http", "https"):
         return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()

@@ -78,6 +78,8 @@ def _no_running_runs(tmp_path):
     ("unwritable storage", ["storage=/proc/bnflow"], None, "storage=/proc/bnflow: cannot write there"),
     ("unreachable tracking server", ["tracking.uri=http://127.0.0.1:{port}"], None,
      "tracking.uri=http://127.0.0.1:{port}: no MLflow server answers"),
+    ("file store tracking URI", ["tracking.uri=./mlruns"], None,
+     "tracking.uri=./mlruns: MLflow no longer accepts a file store; use a database, e.g. tracking.uri=sqlite:///"),
     ("unreachable Ray address", [], {"RAY_ADDRESS": "127.0.0.1:{port}"}, "RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers"),
     ("truncated parquet", ["data.source=parquet", "data.path={data}", "data.num_classes=3"], None,
      "p.parquet: not a readable Parquet file"),
