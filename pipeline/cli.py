@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run (or resume) a recipe end to end"), ("show-config", "print the resolved config"),
                        ("submit", "run a recipe as a Ray job on a cluster and follow it"),
-                       ("schedule", "submit a recipe's job for every due cron slot (a long-running process)")):
+                       ("schedule", "submit a recipe's job for every due cron slot (a long-running process)"),
+                       ("search", "hyperparameter search: random trials on Ray Tune, coarse to fine; the best one recalibrated and evaluated")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--recipe", default=None, help="recipe name (one of the shipped recipes) or a YAML path (default: fashion_mnist)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                         help="follow the job's output and exit with its result (default), or return once submitted")
     submit.add_argument("--verbose", action="store_true", help="the job also shows Ray's and MLflow's own logs")
+    srch = sub.choices["search"]
+    srch.add_argument("--trials", type=int, default=None, help="trials over all rounds (default: the recipe's search.trials)")
+    srch.add_argument("--stages", type=int, default=None, help="coarse-to-fine rounds (default: the recipe's search.rounds)")
+    srch.add_argument("--search-id", default=None, help="resume this search (finished trials are not repeated)")
+    srch.add_argument("--verbose", action="store_true", help="also show Ray's, Ray Tune's and MLflow's own logs")
     sched = sub.choices["schedule"]
     sched.add_argument("--address", default=None, help=f"the Ray dashboard's address (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     sched.add_argument("--schedule", default=None, metavar="NAME", help="the schedule's name in its run ids (default: the recipe's name)")
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return _schedule(args)
         if args.command == "adapt":
             return _adapt(args)
+        if args.command == "search":
+            return _search(args)
         return _run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -229,9 +237,89 @@ def _run(args) -> int:
     cfg = recipes.load(args.recipe, args.overrides)
     run_id, tags = _run_identity(args, cfg)
 
-    from pipeline import cluster, dag, runner
+    def work(tracker, say):
+        from pipeline import runner
+
+        produced = runner.run(tracker.cfg, run_id, tracker)
+        evaluation = produced["evaluation"]
+        decision = tracker.gate(produced["raw"], say) if tracker.cfg.tracking.register_model else None
+        # The headline numbers on the parent; per-class ones stay on the evaluate run.
+        tracker.finish("FINISHED", summary={k: v for k, v in evaluation.metrics.items() if k.startswith("test_") and "." not in k},
+                       tags=evaluation.tags)
+        return evaluation, decision
+
+    done = _tracked(cfg, run_id, tags, args, work, resume=f"--run-id {run_id}")
+    if isinstance(done, int):
+        return done
+    tracker, seconds, (evaluation, decision) = done
+    print(f"\n[bnflow] done in {seconds:.0f}s  (bn: {cfg.train.bn_mode}, workers: {cfg.train.workers})\n"
+          + _outcome_lines(tracker, evaluation, decision) + f"  MLflow run: {tracker.parent_id}  (run id {run_id}; resume with --run-id {run_id})\n"
+          + _where(tracker), flush=True)
+    return 0
+
+
+def _search(args) -> int:
+    from pipeline import recipes, search
+
+    overrides = list(args.overrides)
+    overrides += [f"search.trials={args.trials}"] if args.trials is not None else []
+    overrides += [f"search.rounds={args.stages}"] if args.stages is not None else []
+    cfg = recipes.load(args.recipe, overrides)
+    dims = search.plan(cfg)  # a bad space is one line before anything starts
+    search_id = args.search_id or f"{cfg.name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    if not RUN_ID.fullmatch(search_id):
+        raise ConfigError(f"--search-id {search_id!r}: use letters, digits, '.', '_' and '-' only (no path separators), "
+                          "starting with a letter or digit, at most 128 characters")
+
+    def work(tracker, say):
+        result = search.search(tracker.cfg, search_id, tracker, dims)
+        search.record(tracker, result)
+        evaluation = result.produced["evaluation"]
+        decision = tracker.gate(result.produced["raw"], say) if tracker.cfg.tracking.register_model else None
+        summary = {k: v for k, v in evaluation.metrics.items() if k.startswith("test_") and "." not in k}
+        tracker.finish("FINISHED", summary=summary, tags=evaluation.tags)
+        return result, evaluation, decision
+
+    done = _tracked(cfg, search_id, {search.TAG_KIND: "search"}, args, work, resume=f"--search-id {search_id}", kind="search")
+    if isinstance(done, int):
+        return done
+    tracker, seconds, (result, evaluation, decision) = done
+    counts = {s: sum(o.status == s for o in result.outcomes) for s in ("completed", "stopped", "failed")}
+    best = result.best
+    print(f"\n[bnflow] search done in {seconds:.0f}s: {len(result.outcomes)} trials in {cfg.search.rounds} round(s) "
+          f"({counts['completed']} completed, {counts['stopped']} stopped early, {counts['failed']} failed)\n"
+          f"  best trial {best.trial}: {cfg.search.metric}={best.score:.4f} with "
+          + ", ".join(f"{k}={search._fmt(v)}" for k, v in best.values.items()) + "\n"
+          + _outcome_lines(tracker, evaluation, decision)
+          + f"  MLflow run: {tracker.parent_id}  (search id {search_id}; resume with --search-id {search_id})\n"
+          + _where(tracker), flush=True)
+    return 0
+
+
+def _outcome_lines(tracker, evaluation, decision) -> str:
+    metrics = evaluation.metrics
+    return (f"  test accuracy before BN recalibration: {metrics['test_accuracy_before_recal']:.4f}\n"
+            f"  test accuracy after  BN recalibration: {metrics['test_accuracy_after_recal']:.4f}\n"
+            f"  training curves: {evaluation.tags.get('bnflow.curves_note', 'not read')}\n"
+            + (f"  registry: {decision.name} version {decision.version} "
+               f"{'is the champion' if decision.promoted else 'not promoted'}: {decision.reason}\n" if decision else ""))
+
+
+def _where(tracker) -> str:
+    from pipeline.tracking import ui_command
+
+    return (f"  {'see it at' if tracker.uri.startswith('http') else 'see it with'}: "
+            f"{ui_command(tracker.uri, tracker.experiment_id, tracker.parent_id)}")
+
+
+def _tracked(cfg, run_id: str, tags: dict, args, work, resume: str, kind: str = "run"):
+    """One tracked run's life around ``work(tracker, say)``: checks that fail in a second, the
+    lease, the parent run, Ray; Ctrl-C (130) and SIGTERM (143) mark the open runs KILLED and say
+    ``resume``; a failure marks them FAILED. Returns (tracker, seconds, what work returned), or the
+    exit code of an interruption. ``work`` finishes the parent run itself."""
+    from pipeline import cluster, dag
     from pipeline.lease import Lease
-    from pipeline.tracking import Tracker, check_reachable, ui_command
+    from pipeline.tracking import Tracker, check_reachable
     from tasks.console import say
     from tasks.ingest import check_source
 
@@ -242,7 +330,7 @@ def _run(args) -> int:
     tracker = None
     check_reachable(Tracker.uri_for(cfg))
     cluster.check_reachable()
-    lease = Lease(root, run_id).acquire(wait=args.wait_for_lock)
+    lease = Lease(root, run_id).acquire(wait=getattr(args, "wait_for_lock", False))
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     previous = signal.getsignal(signal.SIGTERM)
     t0 = time.perf_counter()
@@ -250,21 +338,15 @@ def _run(args) -> int:
         # The parent run first: resuming with another config is refused before Ray starts.
         tracker = Tracker(cfg, run_id, derived=dag.derived_params(cfg), tags=tags)
         parent = tracker.start()
-        say(f"run {run_id}: MLflow run {parent} in {tracker.uri}")
+        say(f"{kind} {run_id}: MLflow run {parent} in {tracker.uri}")
         cluster.connect(cfg, verbose=args.verbose)
         if main_thread:  # after ray.init, which installs a SIGTERM handler of its own
             signal.signal(signal.SIGTERM, _on_sigterm)
-        produced = runner.run(cfg, run_id, tracker)
-        evaluation = produced["evaluation"]
-        metrics = evaluation.metrics
-        decision = tracker.gate(produced["raw"], say) if cfg.tracking.register_model else None
-        # The headline numbers on the parent; per-class ones stay on the evaluate run.
-        tracker.finish("FINISHED", summary={k: v for k, v in metrics.items() if k.startswith("test_") and "." not in k},
-                       tags=evaluation.tags)
+        value = work(tracker, say)
     except (KeyboardInterrupt, Interrupted) as e:
         code = 130 if isinstance(e, KeyboardInterrupt) else 143
         _stop_quietly(tracker)
-        print(f"interrupted; resume with --run-id {run_id}", file=sys.stderr)
+        print(f"interrupted; resume with {resume}", file=sys.stderr)
         return code
     except BaseException:
         if tracker is not None and tracker.parent_id is not None:
@@ -274,18 +356,7 @@ def _run(args) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         lease.release()
-    before, after = metrics["test_accuracy_before_recal"], metrics["test_accuracy_after_recal"]
-    print(
-        f"\n[bnflow] done in {time.perf_counter() - t0:.0f}s  (bn: {cfg.train.bn_mode}, workers: {cfg.train.workers})\n"
-        f"  test accuracy before BN recalibration: {before:.4f}\n"
-        f"  test accuracy after  BN recalibration: {after:.4f}\n"
-        f"  training curves: {evaluation.tags.get('bnflow.curves_note', 'not read')}\n"
-        + (f"  registry: {decision.name} version {decision.version} "
-           f"{'is the champion' if decision.promoted else 'not promoted'}: {decision.reason}\n" if decision else "")
-        + f"  MLflow run: {parent}  (run id {run_id}; resume with --run-id {run_id})\n"
-        f"  {'see it at' if tracker.uri.startswith('http') else 'see it with'}: {ui_command(tracker.uri, tracker.experiment_id, parent)}",
-        flush=True)
-    return 0
+    return tracker, time.perf_counter() - t0, value
 
 
 # Library warnings that say nothing about a bnflow run, by the logger that emits them (a filter on a

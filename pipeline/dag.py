@@ -48,7 +48,7 @@ class Node:
     resumable: bool = False  # continues from its own checkpoints in an interrupted attempt's .partial directory
 
 
-PIPELINE: tuple[Node, ...] = (
+PIPELINE: tuple[Node, ...] = (  # a search walks parts of it: DATA once, TRAIN per trial, then FINISH
     Node("ingest", ingest, "data", {"seed": "seed"}, {"raw": A.Dataset}, source=source_fingerprint),
     Node("normalize", normalize, "normalize", {"raw": "raw"}, {"data": A.Dataset, "norm_stats": A.NormStatsFile}),
     Node("train", train, "train", {"data": "data", "norm_stats": "norm_stats", "seed": "seed"},
@@ -63,6 +63,9 @@ PIPELINE: tuple[Node, ...] = (
 )
 
 
+DATA, TRAIN, FINISH = PIPELINE[:2], PIPELINE[2:3], PIPELINE[3:]
+
+
 def derived_params(cfg: PipelineConfig, nodes: tuple[Node, ...] = PIPELINE) -> dict[str, str]:
     """Every node's derived params for ``cfg`` (logged on the parent run beside the config)."""
     out: dict[str, str] = {}
@@ -72,8 +75,9 @@ def derived_params(cfg: PipelineConfig, nodes: tuple[Node, ...] = PIPELINE) -> d
     return out
 
 
-def validate(nodes: tuple[Node, ...]) -> list[Node]:
-    """Check the wiring and return the nodes in topological order.
+def validate(nodes: tuple[Node, ...], given: tuple[str, ...] = ()) -> list[Node]:
+    """Check the wiring and return the nodes in topological order. ``given`` names artifacts made
+    before this walk (a search's shared data, a search winner's trained checkpoint).
 
     Raises:
         DagError: duplicate names, a config section the config tree does not have, two producers
@@ -90,14 +94,14 @@ def validate(nodes: tuple[Node, ...]) -> list[Node]:
         if n.config not in sections:
             raise DagError(f"stage '{n.name}' takes config section '{n.config}', which the config tree lacks{_hint(n.config, sections)}")
         for out in n.outputs:
-            if out in producer or out in RUNTIME_VALUES or out in SINKS:
+            if out in producer or out in RUNTIME_VALUES or out in SINKS or out in given:
                 raise DagError(f"artifact '{out}' has two producers: '{producer.get(out, 'runtime')}' and '{n.name}'")
             producer[out] = n.name
     for n in nodes:
         for param, art in n.inputs.items():
-            if art not in producer and art not in RUNTIME_VALUES:
+            if art not in producer and art not in RUNTIME_VALUES and art not in given:
                 raise DagError(f"stage '{n.name}' input '{param}' wants artifact '{art}', which no stage produces"
-                               f"{_hint(art, list(producer) + list(RUNTIME_VALUES))}")
+                               f"{_hint(art, list(producer) + list(RUNTIME_VALUES) + list(given))}")
         for param, sink in n.sinks.items():
             if sink not in SINKS:
                 raise DagError(f"stage '{n.name}' sink '{param}' wants '{sink}', which the runner does not supply{_hint(sink, SINKS)}")

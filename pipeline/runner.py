@@ -44,15 +44,18 @@ PARTIAL = ".partial"
 CACHE_DIR = ".stage-cache"  # under storage: made_from -> the stage directory that holds those outputs
 
 
-def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, ...] = PIPELINE) -> dict:
-    """Run (or resume) pipeline ``run_id``; returns every artifact by name.
+def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, ...] = PIPELINE,
+        given: dict | None = None) -> dict:
+    """Run (or resume) pipeline ``run_id``; returns every artifact by name. ``given`` holds artifacts
+    made before this walk, by name (a search hands its trials the shared data this way); they enter
+    the manifests' digests like any stage's outputs.
 
     Raises:
         ConfigError: a complete stage of this run id was made from other inputs than today's.
     """
-    order = validate(nodes)
+    order = validate(nodes, given=tuple(given or ()))
     root = Path(cfg.storage).resolve() / run_id
-    produced: dict = {"seed": cfg.seed}
+    produced: dict = {**(given or {}), "seed": cfg.seed}
     for i, node in enumerate(order, 1):
         section = getattr(cfg, node.config)
         made_from = _made_from(node, section, produced)

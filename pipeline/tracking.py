@@ -235,7 +235,10 @@ class Tracker:
         return found[0] if found else None
 
     def _params(self) -> dict[str, str]:
-        return {**flatten(self.cfg), **self.derived}
+        params = flatten(self.cfg)
+        if not self.cfg.search.space:  # a run, not a search: the search section says nothing about it
+            params = {k: v for k, v in params.items() if not k.startswith("search.")}
+        return {**params, **self.derived}
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         existing = self.client.get_run(run_id).data.params

@@ -271,6 +271,35 @@ class TrackingConfig(_Strict):
     gate: GateConfig = Field(default_factory=GateConfig, description="The champion gate of a registered model.")
 
 
+class SearchConfig(_Strict):
+    """Hyperparameter search (``python -m pipeline search``; pipeline/search.py): random trials of
+    the train stage on Ray Tune, successive halving of the bad ones, coarse-to-fine rounds."""
+
+    space: dict[str, str] = Field(
+        default_factory=dict,
+        description="Dotted train.* field -> distribution: loguniform(low, high), uniform(low, high), int(low, high), "
+                    "one_minus_loguniform(low, high) for beta-like fields, choice([a, b, ...]).")
+    trials: int = Field(16, ge=1, description="Trials over all rounds (split evenly, the first rounds taking the rest).")
+    rounds: int = Field(1, ge=1, description="Coarse-to-fine rounds: each next one samples a space narrowed around the best trials so far.")
+    epochs: Optional[int] = Field(None, ge=1, description="Epochs per trial at most (its budget); default: train.epochs.")
+    grace_epochs: int = Field(1, ge=1, description="Epochs every trial runs before successive halving may stop it (ASHA grace period).")
+    reduction_factor: int = Field(
+        3, ge=2, description="ASHA: at each rung (grace x factor^k epochs) only the best 1/factor of the trials go on; "
+                             "a large value (e.g. 1000) stops none early.")
+    parallel: Optional[int] = Field(
+        None, ge=1, description="Trials at once; default and cap: as many as the cluster's CPUs hold (each trial: its "
+                                "train.workers x train.cpus_per_worker).")
+    metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="Per-epoch metric that ranks trials.")
+    mode: Optional[Literal["max", "min"]] = Field(None, description="Better is max or min; default: max for accuracy, min for loss.")
+    keep: float = Field(0.25, gt=0.0, le=1.0, description="Share of the best trials a next round narrows around (at least two).")
+    margin: float = Field(0.25, ge=0.0, description="A narrowed range is the kept trials' span widened by this share of it on each side.")
+    seed: int = Field(0, description="Seed of the sampled configurations: the same seed samples the same trials.")
+
+    @property
+    def direction(self) -> str:
+        return self.mode or ("max" if self.metric == "val_accuracy" else "min")
+
+
 class PipelineConfig(_Strict):
     name: str = Field("run", min_length=1, description="Recipe name, used in run names.")
     seed: int = Field(0, description="Seed for the splits, initialization and shuffling.")
@@ -284,6 +313,7 @@ class PipelineConfig(_Strict):
     recalibrate: RecalibrateConfig = Field(default_factory=RecalibrateConfig, description="Recalibrate stage.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluate stage.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Hyperparameter search (python -m pipeline search only).")
 
     @model_validator(mode="after")
     def _model_fits_data(self):

@@ -55,7 +55,25 @@ def load(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ())
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.optimizer.lr=0.1")
-        parsed.append((key.strip().split("."), _parse_value(value)))
+        keys = key.strip().split(".")
+        if keys[:2] == ["search", "space"] and len(keys) > 2:  # the space's keys are dotted field names
+            keys = keys[:2] + [".".join(keys[2:])]
+        parsed.append((keys, _parse_value(value)))
+    _switch_optimizer(raw, parsed)
+    for keys, value in parsed:
+        _assign(raw, keys, value)
+    return validate(raw)
+
+
+def with_values(cfg: PipelineConfig, values: dict) -> PipelineConfig:
+    """``cfg`` with dotted fields set to ``values`` (a search trial's), validated as a whole, with the
+    same optimizer-switch rule as ``--set``.
+
+    Raises:
+        ConfigError: a field or value the config refuses, named as in a recipe error.
+    """
+    raw = cfg.model_dump(mode="json")
+    parsed = [(field.split("."), value) for field, value in values.items()]
     _switch_optimizer(raw, parsed)
     for keys, value in parsed:
         _assign(raw, keys, value)
