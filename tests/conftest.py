@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Loopback only, for Ray, gloo and the MLflow server.
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -133,3 +136,24 @@ def stop_ray_head(proc: subprocess.Popen) -> None:
         except (ProcessLookupError, PermissionError):
             pass
         time.sleep(1)
+
+
+def start_cli(args, ray_tmp: str, env_extra=None):
+    """The CLI in a fresh process with its own embedded Ray, whose processes carry ``ray_tmp`` (a
+    short path: Ray's socket paths must fit in 107 characters) in their command lines."""
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    # Default SIGINT in the child, as in a terminal (a background parent may have it ignored).
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_line(proc, needle, timeout=240):
+    deadline = time.time() + timeout
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return seen
+        assert time.time() < deadline, f"no '{needle}' in:\n{''.join(seen[-30:])}"
+    raise AssertionError(f"process ended before '{needle}':\n{''.join(seen[-30:])}\n{proc.stderr.read()[-3000:]}")

@@ -24,11 +24,10 @@ from pipeline.cli import main
 from pipeline.lease import Lease
 from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
 from schemas.artifacts import CheckpointState
-from tests.conftest import free_port, start_mlflow_server, stop
+from tests.conftest import ROOT, free_port, start_cli, start_mlflow_server, stop, wait_for_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 EPOCHS = 8  # a digits epoch takes ~0.2 s: enough of them that a run is still training when killed
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _args(run_id, storage, uri, *extra, epochs=EPOCHS):
@@ -73,27 +72,6 @@ def reference(mlflow_server, tmp_path_factory):
     storage = tmp_path_factory.mktemp("ref")
     assert main(_args("rel-ref", storage, mlflow_server)) == 0
     return _weights(storage, "rel-ref")
-
-
-def _start(args, ray_tmp: str, env_extra=None):
-    """The CLI in a fresh process with its own embedded Ray, whose processes carry ``ray_tmp`` (a
-    short path: Ray's socket paths must fit in 107 characters) in their command lines."""
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    # Default SIGINT in the child, as in a terminal (a background parent may have it ignored).
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _wait_for_line(proc, needle, timeout=240):
-    deadline = time.time() + timeout
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if needle in line:
-            return seen
-        assert time.time() < deadline, f"no '{needle}' in:\n{''.join(seen[-30:])}"
-    raise AssertionError(f"process ended before '{needle}':\n{''.join(seen[-30:])}\n{proc.stderr.read()[-3000:]}")
 
 
 def _leftovers(marker: str) -> list[str]:
@@ -147,8 +125,8 @@ def test_killed_driver_resumes_from_its_last_epoch(reference, mlflow_server, tmp
     args = _args("rel-kill", storage, mlflow_server)
     shm_before = set(os.listdir("/dev/shm"))
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    proc = _start(args, ray_tmp)
-    _wait_for_line(proc, "train epoch 1/")
+    proc = start_cli(args, ray_tmp)
+    wait_for_line(proc, "train epoch 1/")
     # Epochs are fractions of a second: hold the workers still so that the driver dies mid-training
     # and not after a finished stage; they go on once it is dead and must then end by themselves.
     frozen = _workers(proc.pid)
@@ -184,8 +162,8 @@ def test_killed_driver_resumes_from_its_last_epoch(reference, mlflow_server, tmp
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_marks_runs_killed_and_says_how_to_resume(mlflow_server, tmp_path, sig, code):
     run_id = f"rel-sig{code}"
-    proc = _start(_args(run_id, tmp_path / "s", mlflow_server, epochs=30), tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
-    _wait_for_line(proc, "train epoch 1/")
+    proc = start_cli(_args(run_id, tmp_path / "s", mlflow_server, epochs=30), tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    wait_for_line(proc, "train epoch 1/")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code
