@@ -173,7 +173,8 @@ def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str
     sizes = round_sizes(cfg.search.trials, cfg.search.rounds)
     for r, n in enumerate(sizes, 1):
         if r > 1:
-            scored = [(o.values, o.score) for o in outcomes if o.score is not None and math.isfinite(o.score)]
+            scored = [(o.values, o.score) for o in outcomes
+                      if o.status != "failed" and o.score is not None and math.isfinite(o.score)]
             if len(scored) < 2:
                 raise ConfigError(f"search {search_id}: fewer than two trials gave a score before round {r}; every other "
                                   "one failed: widen or move search.space (see the trial runs' bnflow.trial_status)")
@@ -345,7 +346,9 @@ class _Recorder(Callback):
 
 
 def _trial_error(trial_dir: Path) -> str:
-    failed = trial_dir / "train.partial" / "diverged.json"
+    from tasks.train import DIVERGED_FILE
+
+    failed = trial_dir / "train.partial" / DIVERGED_FILE
     return f"diverged: {failed.read_text().strip()[:200]}" if failed.exists() else "failed (see the Ray Tune trial's error file)"
 
 
