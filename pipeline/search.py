@@ -41,7 +41,7 @@ from pipeline.dag import DATA, FINISH, TRAIN
 from pipeline.tracking import TAG_RUN_ID, TAG_STAGE, Tracker
 from schemas import artifacts as A
 from schemas.config import PipelineConfig
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, TrainingDiverged
 from tasks.console import say
 
 TRIAL_MEMORY = 512 * 2**20  # bytes a trial's own process reserves
@@ -54,8 +54,11 @@ TAG_TRIAL_STATUS = "bnflow.trial_status"
 # Tune settings for an embedded search: Ctrl-C must reach bnflow (which marks runs KILLED and says
 # how to resume) instead of Tune's own handler, which would end the round as if it were complete;
 # trials keep the driver's working directory (relative paths in a recipe mean the same there); its
-# console table stays off (bnflow says one line per finished trial).
-TUNE_SETTINGS = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+# console table stays off (bnflow says one line per finished trial); a result without the metric
+# (a diverged trial's end, an epoch without validation under train.eval_every > 1) is not an error:
+# ASHA skips it.
+TUNE_SETTINGS = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0",
+                 "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,7 @@ def _round(cfg: PipelineConfig, search_id: str, tracker: Tracker, root: Path, tr
                                     grace_period=min(cfg.search.grace_epochs, budget),
                                     reduction_factor=cfg.search.reduction_factor),
             max_concurrent_trials=parallel, reuse_actors=False),
-        run_config=tune.RunConfig(name=f"round{trials[0].round}", storage_path=str(root / "tune"), callbacks=[recorder],
+        run_config=tune.RunConfig(name=f"round{trials[0].round}", storage_path=str(root / "tune"), callbacks=[recorder, _quiet_progress()],
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
     )
     tuner.fit()
@@ -283,6 +286,18 @@ def _round(cfg: PipelineConfig, search_id: str, tracker: Tracker, root: Path, tr
     if missing:  # Tune ended without reporting them (it should not): say so rather than score them
         raise RuntimeError(f"search {search_id}: Ray Tune ended without finishing trials {missing}; rerun with --search-id {search_id}")
     return [done.get(t.id) or recorder.outcomes[t.id] for t in trials]
+
+
+def _quiet_progress():
+    """Tune's legacy console callback, silent: without one of its own Tune adds one, which prints
+    "Trial ... completed. Last result: ..." whatever the verbosity (bnflow says one line per trial)."""
+    from ray.tune.progress_reporter import TrialProgressCallback
+
+    class Quiet(TrialProgressCallback):
+        def _print(self, msg: str) -> None:
+            pass
+
+    return Quiet()
 
 
 def _trial_run(tracker: Tracker, t: Trial) -> str:
@@ -324,7 +339,7 @@ class _Recorder(Callback):
         epochs = int(max((r.get("epoch", 0) for r in reports), default=0))
         complete = (self.trials_dir / spec["trial"] / "train" / runner.MANIFEST).exists()
         scores = [r[self.metric] for r in reports if self.metric in r]
-        if error is not None:
+        if error is not None or _diverged(self.trials_dir / spec["trial"]):
             status, note = "failed", _trial_error(self.trials_dir / spec["trial"])
         elif complete:
             status, note = "completed", f"ran {epochs} epochs"
@@ -345,11 +360,16 @@ class _Recorder(Callback):
             + ("" if status == "completed" else f" ({note})"))
 
 
-def _trial_error(trial_dir: Path) -> str:
+def _diverged(trial_dir: Path) -> Path | None:
     from tasks.train import DIVERGED_FILE
 
-    failed = trial_dir / "train.partial" / DIVERGED_FILE
-    return f"diverged: {failed.read_text().strip()[:200]}" if failed.exists() else "failed (see the Ray Tune trial's error file)"
+    path = trial_dir / "train.partial" / DIVERGED_FILE
+    return path if path.exists() else None
+
+
+def _trial_error(trial_dir: Path) -> str:
+    failed = _diverged(trial_dir)
+    return f"diverged: {failed.read_text().strip()[:200]}" if failed else "failed (see the Ray Tune trial's error file)"
 
 
 # -- the search's record in MLflow -------------------------------------------------------------------
@@ -450,7 +470,10 @@ def _trial_main(config: dict, shared: dict) -> None:
     cfg = PipelineConfig.model_validate(spec["cfg"])
     given = {name: getattr(A, kind).model_validate(body) for name, (kind, body) in shared["given"].items()}
     tracker = _TrialTracker(cfg, shared, spec)
-    runner.run(cfg, spec["trial"], tracker, nodes=TRAIN, given=given)
+    try:
+        runner.run(cfg, spec["trial"], tracker, nodes=TRAIN, given=given)
+    except TrainingDiverged:  # an outcome of searching, not a crash: the driver reads diverged.txt (no traceback)
+        return
 
 
 def _report(epoch: int, metrics: dict) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import pipeline  # noqa: F401  before any test module imports mlflow: it turns MLflow's telemetry off (see there)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Loopback only, for Ray, gloo and the MLflow server.

@@ -82,3 +82,19 @@ def test_readme_commands_parse_and_their_recipes_and_overrides_validate(tmp_path
         args = parser.parse_args(_fill(argv))
         if hasattr(args, "recipe"):  # adapt takes a logged model, not a recipe
             recipes.load(args.recipe, args.overrides)
+
+
+@pytest.mark.parametrize("setting, client", [(None, "None"), ("false", "TelemetryClient")])
+def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(setting, client):
+    """Regression: MLflow's telemetry thread deletes a variable from os.environ when it cannot reach
+    its server, and a tracking request iterating os.environ then failed with KeyError."""
+    import os
+
+    # Without PYTEST_CURRENT_TEST and CI, MLflow would count this as a user's process.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY")}
+    if setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = setting
+    code = ("import pipeline, mlflow; from mlflow.telemetry.client import get_telemetry_client; "
+            "print(type(get_telemetry_client()).__name__ if get_telemetry_client() else None)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == client, r.stderr[-2000:]
