@@ -1,13 +1,17 @@
-"""Recalibrate stage: re-estimate BatchNorm statistics of the final weights on Ray Train workers.
+"""Recalibrate stage: re-estimate BatchNorm statistics of the final weights with Ray tasks.
 
-The stage runs on the train stage's workers (same count, CPUs and GPUs, read from the checkpoint's
-train config). The driver draws the calibration rows (a seeded random sample of the split, in random
-order) and cuts them into batches; each worker reads the Parquet files holding its contiguous run of
-batches with pyarrow, runs them through the network (``tasks.nn.bn_stats``: each BN layer normalizes
-with its batch's own statistics, dropout off) and the per-channel moments are pooled over every
-worker in float64. Rank 0 writes the
-checkpoint. The batches do not depend on the worker count, so 1, 2 or 3 workers give the same
-statistics up to float64 rounding.
+The driver draws the calibration rows (a seeded random sample of the split, in random order) and
+cuts them into batches. As many Ray tasks as the train stage had workers (with the same CPUs and
+GPUs each, read from the checkpoint's train config) each read the Parquet files holding their
+contiguous run of batches with pyarrow and run them through the network (``tasks.nn.bn_stats``:
+each BN layer normalizes with its batch's own statistics, dropout off), returning per-channel
+moments in float64; the driver merges them and writes the checkpoint. The batches do not depend on
+the number of tasks, so 1, 2 or 3 give the same statistics up to float64 rounding.
+
+Tasks rather than a Ray Train worker group: the calibration forward needs no collective (every
+layer's statistics come from one pass), and Ray runs tasks in its pooled worker processes, so the
+stage skips a worker group's start (controller and worker actors, ~10 s on 2 cores). A worker that
+dies is retried up to ``train.max_failures`` times, as the train stage's workers are.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
         train_cfg = TrainConfig.model_validate(state.config)
         out_dir.mkdir(parents=True, exist_ok=True)
         with Progress("recalibrate", total=rows, unit="rows") as bar:
-            _on_workers(train_cfg, cfg, checkpoint.path, files, plan, info, path)
+            _on_tasks(train_cfg, cfg, checkpoint.path, files, plan, info, path)
             bar.update(rows)
     return Checkpoint(path=str(path), digest=arrow_io.file_digest(path), epoch=checkpoint.epoch, bn_mode=checkpoint.bn_mode)
 
@@ -113,47 +117,59 @@ def _strip(state: CheckpointState, info: dict) -> CheckpointState:
     return state.model_copy(update={"optimizer": None, "scheduler": None, "rng": None, "recalibration": info})
 
 
-def _on_workers(train_cfg: TrainConfig, cfg: RecalibrateConfig, checkpoint_path: str, files: list[str], plan: dict,
-                info: dict, out_path: Path) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _on_tasks(train_cfg: TrainConfig, cfg: RecalibrateConfig, checkpoint_path: str, files: list[str], plan: dict,
+              info: dict, out_path: Path) -> None:
+    """One Ray task per shard (as many as the train stage's workers, with their CPUs and GPUs);
+    the driver merges their float64 shares and writes the checkpoint. Plain tasks, not a Ray Train
+    worker group: the calibration forward needs no collective, and tasks run in Ray's pooled worker
+    processes, so the stage does not pay a worker group's start (~10 s on 2 cores)."""
+    import ray
 
-    from tasks.rendezvous import ScopedTorchConfig
-    from tasks.train import fit_interruptibly
-
-    trainer = TorchTrainer(
-        _calibrate_loop,
-        train_loop_config={"checkpoint": str(Path(checkpoint_path).resolve()), "files": files, "plan": plan,
-                           "estimator": cfg.estimator, "info": info, "out": str(out_path.resolve()),
-                           "cpus": train_cfg.cpus_per_worker},
-        torch_config=ScopedTorchConfig(),
-        scaling_config=ScalingConfig(num_workers=train_cfg.workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
-        run_config=RunConfig(name="ray_recalibrate", storage_path=str(out_path.parent.resolve()),
-                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
-    )
-    fit_interruptibly(trainer, lambda: None)
-
-
-def _calibrate_loop(config: dict) -> None:
-    import ray.train
-    import torch
-
-    from tasks.nn.bn_stats import update_bn_stats
+    from tasks.nn.bn_stats import apply_bn_stats, merge_bn_stats
     from tasks.nn.models import model_from_checkpoint
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["cpus"])
-    device = ray.train.torch.get_device()
-    state = CheckpointState.load(config["checkpoint"])
-    model = model_from_checkpoint(state).to(device)
-    plan = config["plan"]
+    shard = ray.remote(_calibrate_shard).options(
+        num_cpus=train_cfg.cpus_per_worker, num_gpus=1 if train_cfg.use_gpu else 0,
+        max_retries=train_cfg.max_failures, retry_exceptions=False)
+    world = train_cfg.workers
+    checkpoint = str(Path(checkpoint_path).resolve())
+    plan_ref = ray.put(plan)
+    shares = ray.get([shard.remote(checkpoint, files, plan_ref, rank, world, cfg.estimator, train_cfg.cpus_per_worker,
+                                   train_cfg.use_gpu) for rank in range(world)])
+    total = shares[0]
+    for share in shares[1:]:
+        total = merge_bn_stats(total, share)
+    state = CheckpointState.load(checkpoint)
+    model = model_from_checkpoint(state)
+    rows = apply_bn_stats(model, total)
+    state.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _strip(state, {**info, "rows": rows, "workers": world}).save(out_path)
+
+
+def _calibrate_shard(checkpoint: str, files: list[str], plan: dict, rank: int, world: int, estimator: str, cpus: int,
+                     use_gpu: bool) -> dict:
+    """Rank ``rank``'s contiguous run of batches through the calibration forward; its share (on the CPU)."""
+    import torch
+
+    from tasks.nn.bn_stats import collect_bn_stats
+    from tasks.nn.models import model_from_checkpoint
+
+    torch.set_num_threads(cpus)
+    device = torch.device("cuda") if use_gpu else torch.device("cpu")
+    model = model_from_checkpoint(CheckpointState.load(checkpoint)).to(device)
     lo, hi = rank_batches(plan, rank, world)
     bounds = plan["bounds"]
-    x = torch.from_numpy(read_rows(config["files"], plan["file_rows"], plan["order"][bounds[lo]:bounds[hi]]))
+    x = torch.from_numpy(read_rows(files, plan["file_rows"], plan["order"][bounds[lo]:bounds[hi]]))
     batches = (x[bounds[b] - bounds[lo]: bounds[b + 1] - bounds[lo]].to(device) for b in range(lo, hi))
-    rows = update_bn_stats(model, batches, estimator=config["estimator"])
-    if rank == 0:
-        state.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _strip(state, {**config["info"], "rows": rows, "workers": world}).save(Path(config["out"]))
+    share = collect_bn_stats(model, batches, estimator=estimator)
+    return {**share, "layers": [None if a is None else _to_cpu(a) for a in share["layers"]]}
+
+
+def _to_cpu(acc):
+    import dataclasses
+
+    import torch
+
+    if isinstance(acc, torch.Tensor):
+        return acc.cpu()
+    return dataclasses.replace(acc, **{f.name: getattr(acc, f.name).cpu() for f in dataclasses.fields(acc)})

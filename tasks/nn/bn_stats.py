@@ -75,22 +75,43 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator
         ValueError: an unknown estimator, no BN layer to calibrate, or no row on any rank (the model
             is left untouched; every rank raises together).
     """
+    import torch.distributed as dist
+
+    part = collect_bn_stats(model, batches, estimator, include_frozen)
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        part = _all_reduce(part, model, estimator, include_frozen)
+        rows = apply_bn_stats(model, part, include_frozen)
+        _broadcast_from_rank0(calibrated_layers(model, include_frozen))  # one source of truth: rank 0's bits
+        return rows
+    return apply_bn_stats(model, part, include_frozen)
+
+
+@torch.no_grad()
+def collect_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator: str = "exact",
+                     include_frozen: bool = False) -> dict:
+    """One shard's share of a calibration: the calibration forward over ``batches`` (module
+    docstring), recording each calibrated layer's input; nothing in ``model`` changes.
+
+    Returns ``{"estimator", "rows", "layers"}``, ``layers`` holding one float64 accumulator per
+    calibrated layer (``exact``: a ``Moments`` or None for no row; ``batch_mean``: [batches, sum of
+    means, sum of variances]). Shares of disjoint batch sets merge with ``merge_bn_stats`` in any
+    grouping, and ``apply_bn_stats`` writes the result into a model.
+
+    Raises:
+        ValueError: an unknown estimator, or no BN layer to calibrate.
+    """
     if estimator not in ("exact", "batch_mean"):
         raise ValueError(f"update_bn_stats: estimator {estimator!r} is not one of 'exact', 'batch_mean'")
     layers = calibrated_layers(model, include_frozen)
     if not layers:
         raise ValueError("update_bn_stats: the model has no BatchNorm layer with running statistics to calibrate")
-    import torch.distributed as dist
-
-    pooled = across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    recorders = {layer: (_Exact(layer) if estimator == "exact" else _BatchMean(layer)) for layer in layers}
+    recorders = [(_Exact(layer) if estimator == "exact" else _BatchMean(layer)) for layer in layers]
     flags = {m: m.training for m in model.modules()}
-    old = {layer: (layer.running_mean.clone(), layer.running_var.clone()) for layer in layers}
     rows = 0
     try:
         model.eval()  # dropout off; frozen BN layers normalize with their stored statistics
-        for layer in layers:
-            layer.forward = _calibrating_forward(layer, recorders[layer])
+        for layer, rec in zip(layers, recorders):
+            layer.forward = _calibrating_forward(layer, rec)
         for x in batches:
             model(x)
             rows += len(x)
@@ -99,27 +120,73 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator
             layer.__dict__.pop("forward", None)  # back to the class's forward
         for m, training in flags.items():
             m.training = training
-    device = layers[0].running_mean.device
-    total = torch.tensor([float(rows)], dtype=torch.float64, device=device)
-    if pooled:
-        _sum(total)
-    if total.item() == 0:
-        for layer, (mean, var) in old.items():
-            layer.running_mean.copy_(mean), layer.running_var.copy_(var)
+    return {"estimator": estimator, "rows": rows, "layers": [rec.state() for rec in recorders]}
+
+
+def merge_bn_stats(a: dict, b: dict) -> dict:
+    """Two shares of one calibration (``collect_bn_stats``) as one: moments merged with Chan's
+    formula, batch-mean sums added, all in float64."""
+    if a["estimator"] != b["estimator"] or len(a["layers"]) != len(b["layers"]):
+        raise ValueError("merge_bn_stats: the shares come from different estimators or models")
+    if a["estimator"] == "exact":
+        layers = [x if y is None else y if x is None else moments.merge(x, y) for x, y in zip(a["layers"], b["layers"])]
+    else:
+        layers = [x + y.to(x.device) for x, y in zip(a["layers"], b["layers"])]
+    return {"estimator": a["estimator"], "rows": a["rows"] + b["rows"], "layers": layers}
+
+
+@torch.no_grad()
+def apply_bn_stats(model: nn.Module, stats: dict, include_frozen: bool = False) -> int:
+    """Write a (merged) calibration's mean and unbiased variance into ``model``'s calibrated BN
+    layers; returns its row count.
+
+    Raises:
+        ValueError: no calibration row (the model is left untouched).
+    """
+    if stats["rows"] == 0:
         raise ValueError("update_bn_stats: no calibration batches")
-    for layer, rec in recorders.items():
-        mean, var = rec.result(pooled)
-        layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
-        layer.running_var.copy_(var.to(layer.running_var.dtype))
-    if pooled:  # one source of truth: every rank ends with rank 0's bits
-        flat = torch.cat([torch.cat([layer.running_mean.flatten(), layer.running_var.flatten()]) for layer in layers])
-        dist.broadcast(flat, src=0)
-        offset = 0
-        for layer in layers:
-            for buf in (layer.running_mean, layer.running_var):
-                buf.copy_(flat[offset: offset + buf.numel()].view_as(buf))
-                offset += buf.numel()
-    return int(total.item())
+    layers = calibrated_layers(model, include_frozen)
+    for layer, acc in zip(layers, stats["layers"]):
+        if stats["estimator"] == "exact":
+            mean, var = acc.mean, acc.variance(ddof=1)
+        else:
+            c = layer.num_features
+            k = torch.clamp(acc[0], min=1.0)
+            mean, var = acc[1: c + 1] / k, acc[c + 1:] / k
+        layer.running_mean.copy_(mean.to(layer.running_mean.device, layer.running_mean.dtype))
+        layer.running_var.copy_(var.to(layer.running_var.device, layer.running_var.dtype))
+    return int(stats["rows"])
+
+
+def _all_reduce(part: dict, model: nn.Module, estimator: str, include_frozen: bool) -> dict:
+    """Every rank's share pooled (a collective; an empty rank joins with count 0)."""
+    layers = calibrated_layers(model, include_frozen)
+    device = layers[0].running_mean.device
+    total = torch.tensor([float(part["rows"])], dtype=torch.float64, device=device)
+    _sum(total)
+    pooled = []
+    for layer, acc in zip(layers, part["layers"]):
+        if estimator == "exact":
+            if acc is None:
+                z = torch.zeros(layer.num_features, dtype=torch.float64, device=device)
+                acc = moments.Moments(torch.zeros((), dtype=torch.float64, device=device), z, z.clone())
+            pooled.append(moments.all_reduce(acc))
+        else:
+            _sum(acc)
+            pooled.append(acc)
+    return {"estimator": estimator, "rows": int(total.item()), "layers": pooled}
+
+
+def _broadcast_from_rank0(layers: list[_BatchNorm]) -> None:
+    import torch.distributed as dist
+
+    flat = torch.cat([torch.cat([layer.running_mean.flatten(), layer.running_var.flatten()]) for layer in layers])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    for layer in layers:
+        for buf in (layer.running_mean, layer.running_var):
+            buf.copy_(flat[offset: offset + buf.numel()].view_as(buf))
+            offset += buf.numel()
 
 
 def _calibrating_forward(layer: _BatchNorm, recorder):
@@ -149,24 +216,16 @@ def _channels_dims(x: torch.Tensor) -> list[int]:
 
 
 class _Exact:
-    """(count, mean, M2) of every input row, merged per batch, then across ranks."""
+    """(count, mean, M2) of every input row, merged per batch."""
 
     def __init__(self, layer: _BatchNorm):
         self.acc = None
-        self.layer_channels, self.device = layer.num_features, layer.running_mean.device
 
     def add(self, m: moments.Moments) -> None:
         self.acc = m if self.acc is None else moments.merge(self.acc, m)
 
-    def result(self, pooled: bool):
-        acc = self.acc
-        if acc is None:  # an empty rank still joins the all-reduce, with count 0
-            c = self.layer_channels
-            z = torch.zeros(c, dtype=torch.float64, device=self.device)
-            acc = moments.Moments(torch.zeros((), dtype=torch.float64, device=self.device), z, z.clone())
-        if pooled:
-            acc = moments.all_reduce(acc)
-        return acc.mean, acc.variance(ddof=1)
+    def state(self):
+        return self.acc
 
 
 class _BatchMean:
@@ -182,8 +241,5 @@ class _BatchMean:
         self.buf[1: self.c + 1] += m.mean
         self.buf[self.c + 1:] += m.variance(ddof=1)
 
-    def result(self, pooled: bool):
-        if pooled:
-            _sum(self.buf)
-        k = torch.clamp(self.buf[0], min=1.0)
-        return self.buf[1: self.c + 1] / k, self.buf[self.c + 1:] / k
+    def state(self):
+        return self.buf

@@ -59,7 +59,7 @@ def _fill(argv: list[str]) -> list[str]:
     placeholders = {"ID": "nightly-2026-11-24", "NAME|PATH.yaml": "digits", "key=value": "train.epochs=2",
                     "TIME": "2026-11-24T02:00Z", "URL": "http://127.0.0.1:8265", "none|latest|all": "latest",
                     "queue|skip": "queue", "|": None, "URI": "runs:/0123/model_recalibrated", "DIR": "new-rows",
-                    "NAME": "fashion-adapted", "N": "1000"}
+                    "NAME": "fashion-adapted", "N": "1000", "K": "2"}
     argv = [placeholders.get(a, a) for a in argv if placeholders.get(a, a) is not None]
     out = []
     for i, a in enumerate(argv):
