@@ -100,3 +100,28 @@ def test_an_unknown_estimator_is_refused():
         assert "median" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_shares_collected_apart_and_merged_equal_one_pass_over_every_batch():
+    """The recalibrate stage's tasks: each collects its run of batches (one of them none), the
+    driver merges the shares; the result is the one-process result, for both estimators."""
+    import copy
+
+    from tasks.nn.bn_stats import apply_bn_stats, collect_bn_stats, merge_bn_stats
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3), nn.BatchNorm1d(3)).double()
+    batches = [torch.randn(n, 6, dtype=torch.float64) * 2 + 5 for n in (9, 16, 4, 30, 11)]
+    for estimator in ("exact", "batch_mean"):
+        whole = copy.deepcopy(model)
+        update_bn_stats(whole, batches, estimator=estimator)
+        shares = [collect_bn_stats(model, run, estimator) for run in (batches[:2], [], batches[2:3], batches[3:])]
+        merged = shares[0]
+        for s in shares[1:]:
+            merged = merge_bn_stats(merged, s)
+        split = copy.deepcopy(model)
+        assert apply_bn_stats(split, merged) == sum(len(b) for b in batches)
+        for key, want in whole.state_dict().items():
+            if key.endswith(("running_mean", "running_var")):
+                assert not torch.equal(want, model.state_dict()[key])  # the statistics did move
+                assert torch.allclose(split.state_dict()[key], want, rtol=0, atol=1e-12), (estimator, key)
