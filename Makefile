@@ -41,6 +41,7 @@ bench: setup data
 	$(PY) -m benchmarks.syncbn
 	$(PY) -m benchmarks.normalize
 	$(PY) -m benchmarks.pipeline_vs_ddp
+	$(PY) -m benchmarks.search
 
 clean:
 	rm -rf runs mlflow.db mlartifacts test-artifacts

@@ -221,7 +221,7 @@ class TrainConfig(_Strict):
 class RecalibrateConfig(_Strict):
     estimator: Literal["exact", "ema", "batch_mean"] = Field(
         "exact", description="exact: each BN layer's input mean and unbiased variance over every calibration row, pooled "
-                             "over the workers in float64 (PreciseBN); ema: keep the running averages training left; "
+                             "over the stage's tasks in float64 (PreciseBN); ema: keep the running averages training left; "
                              "batch_mean: the mean over mini-batches of each batch's mean and variance (the course formula).")
     split: str = Field(
         "train", min_length=1,
