@@ -8,8 +8,6 @@ import csv
 import json
 import math
 import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from pipeline.cli import main
 from pipeline.runner import artifact_digest
 from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
 from schemas import artifacts as A
-from tests.conftest import ROOT, start_cli, wait_for_line
+from tests.conftest import start_cli, wait_for_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 TRIALS, ROUNDS, EPOCHS = 4, 2, 3
@@ -151,13 +149,13 @@ def test_diverging_trials_are_failed_trials_and_a_search_with_no_other_is_one_li
     (["search.space.train.optimizer.lr=loguniform(0, 1)"], "a log range must stay above 0"),
     (["search.space.normalize.method=choice(['standard'])"], "only train.* fields"),
 ])
-def test_a_bad_space_is_one_line_and_exit_2_before_anything_runs(tmp_path, sets, words):
-    args = [sys.executable, "-m", "pipeline", "search", "--recipe", "digits", "--set", f"storage={tmp_path / 's'}",
+def test_a_bad_space_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys, sets, words):
+    args = ["search", "--recipe", "digits", "--set", f"storage={tmp_path / 's'}",
             "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     for s in sets:
         args += ["--set", s]
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: search.space.") and words in lines[0], r.stderr
+    assert main(args) == 2  # what `python -m pipeline` exits with
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: search.space.") and words in lines[0], err
     assert not (tmp_path / "s").exists() and not (tmp_path / "mlflow.db").exists()  # nothing ran
