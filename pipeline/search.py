@@ -277,6 +277,9 @@ def _round(cfg: PipelineConfig, search_id: str, tracker: Tracker, root: Path, tr
             scheduler=ASHAScheduler(time_attr="epoch", metric=cfg.search.metric, mode=cfg.search.direction, max_t=budget + 1,
                                     grace_period=min(cfg.search.grace_epochs, budget),
                                     reduction_factor=cfg.search.reduction_factor),
+            # No actor reuse: it saved ~6 s a trial (4 digits trials: 126 -> 102 s), but a trial
+            # that ASHA stops leaves its fit() thread, controller and workers running in a reused
+            # actor, holding the CPUs the next trial waits for; a new actor per trial kills them.
             max_concurrent_trials=parallel, reuse_actors=False),
         run_config=tune.RunConfig(name=f"round{trials[0].round}", storage_path=str(root / "tune"), callbacks=[recorder, _quiet_progress()],
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
