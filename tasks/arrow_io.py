@@ -16,6 +16,14 @@ from schemas.errors import DataError
 ROWS_PER_FILE = 16384  # several files per split so Ray Data reads and maps them in parallel
 
 
+def write_file(table: pa.Table, path: str | Path) -> None:
+    """One Parquet file of a split, written the way every stage writes them: snappy pages without
+    dictionary encoding. Feature values rarely repeat, so a dictionary is built and then thrown away
+    (pyarrow's default tries one per column); without it, writing and reading a Fashion-MNIST split
+    measured about a third and two fifths faster, for files about twice the size."""
+    pq.write_table(table, path, use_dictionary=False)
+
+
 def to_table(x: np.ndarray, y: np.ndarray, schema: pa.Schema) -> pa.Table:
     """Features (N, D) float32 and labels (N,) as a table of the example schema (no copy of x)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -69,7 +77,7 @@ def write_split(table: pa.Table, path: Path) -> SplitInfo:
     """Write a split as numbered Parquet files under ``path`` and describe it."""
     path.mkdir(parents=True, exist_ok=True)
     for i, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
-        pq.write_table(table.slice(start, ROWS_PER_FILE), path / f"part-{i:05d}.parquet")
+        write_file(table.slice(start, ROWS_PER_FILE), path / f"part-{i:05d}.parquet")
     return SplitInfo(path=str(path), rows=table.num_rows, digest=digest_dir(path))
 
 

@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from schemas import arrow
 from schemas.artifacts import NORM_STATS_VERSION, Dataset, NormStats, NormStatsFile, SplitInfo
@@ -160,7 +159,7 @@ def _transform_files(files: list[str], out_dir: str, **kwargs) -> list[tuple[str
     for f in files:
         out = _apply_block(arrow_io.read_table(f), **kwargs)
         dest = Path(out_dir) / Path(f).name
-        pq.write_table(out, dest)
+        arrow_io.write_file(out, dest)
         written.append((dest.name, arrow_io.file_digest(dest), out.num_rows))  # just written: in the page cache
     return written
 

@@ -178,7 +178,9 @@ def _train_loop(config: dict) -> None:
         history, best_model, stopped = state.history, state.best_model, state.stop_reason
     progress = _ProgressFile(config["progress_path"], steps=len(y_train) // cfg.batch_size, history=history,
                              clock=clock) if rank == 0 else None
+    clock.mark("model_built")
     ddp_model = _distribute(model, cfg.bn_mode, world)
+    clock.mark("ddp_ready")
 
     # DDP and SyncBatchNorm need every rank to take the same number of steps, or the rank with an
     # extra step waits forever in a collective. read_shard promises equal shards; check it.
@@ -403,6 +405,7 @@ def _write_timings(progress: Path, fit_called: float, fit_returned: float, on_ep
         "fit_to_loop_s": m["loop_start"] - fit_called,  # Ray Train starts its controller and worker group
         "data_load_s": m["data_ready"] - m["loop_start"],
         "model_setup_s": m.get("model_ready", m["data_ready"]) - m["data_ready"],  # build, restore, DDP
+        "ddp_setup_s": m.get("ddp_ready", m["data_ready"]) - m.get("model_built", m["data_ready"]),  # SyncBN, DDP's broadcast
         "fit_to_first_step_s": m.get("first_step", m["data_ready"]) - fit_called,
         "epochs_compute_s": sum(h["epoch_seconds"] for h in epochs),
         "validation_s": spans.get("validation", 0.0),
