@@ -54,6 +54,8 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
         ConfigError: a complete stage of this run id was made from other inputs than today's.
     """
     order = validate(nodes, given=tuple(given or ()))
+    if any(node.name == "evaluate" for node in order):
+        _import_plotting_meanwhile()
     root = Path(cfg.storage).resolve() / run_id
     produced: dict = {**(given or {}), "seed": cfg.seed}
     for i, node in enumerate(order, 1):
@@ -87,6 +89,16 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
             say(f"stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s")
         produced.update(outputs)
     return produced
+
+
+def _import_plotting_meanwhile() -> None:
+    """Import matplotlib (about a second) on a helper thread while the driver mostly waits on its
+    workers, instead of inside the evaluate stage that draws the plots."""
+    import threading
+
+    from tasks.evaluate import _pyplot
+
+    threading.Thread(target=_pyplot, name="bnflow-import-plotting", daemon=True).start()
 
 
 def _cache_entry(storage: Path, node: Node, made_from: dict) -> Path:
