@@ -40,7 +40,9 @@ test: setup data browser
 bench: setup data
 	$(PY) -m benchmarks.syncbn
 	$(PY) -m benchmarks.normalize
+	$(PY) -m benchmarks.parquet_io
 	$(PY) -m benchmarks.pipeline_vs_ddp
+	$(PY) -m benchmarks.train_start
 	$(PY) -m benchmarks.search
 
 clean:
