@@ -96,9 +96,9 @@ def _import_plotting_meanwhile() -> None:
     workers, instead of inside the evaluate stage that draws the plots."""
     import threading
 
-    from tasks.evaluate import _pyplot
+    from tasks.evaluate import pyplot
 
-    threading.Thread(target=_pyplot, name="bnflow-import-plotting", daemon=True).start()
+    threading.Thread(target=pyplot, name="bnflow-import-plotting", daemon=True).start()
 
 
 def _cache_entry(storage: Path, node: Node, made_from: dict) -> Path:

@@ -430,11 +430,11 @@ def plot_scores(result: SearchResult, metric: str, path: Path) -> None:
     """One panel per searched field: each trial's score against its value, coloured by round;
     hollow: stopped early; a star: the winner. Log x axes for log-sampled fields (1 - beta for
     one_minus_loguniform, the quantity that is log-uniform)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    from tasks.evaluate import pyplot
+
+    plt = pyplot()
 
     dims = result.space_per_round[0]
     fields = sorted(dims)

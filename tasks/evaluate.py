@@ -170,7 +170,7 @@ def _write_shift_table(table: list[dict], path: Path) -> list[str]:
 
 
 def _plot_shift(table: list[dict], recal_label: str, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     clean = next(r for r in table if r["corruption"] == "clean")
     corruptions = list(dict.fromkeys(r["corruption"] for r in table if r["corruption"] != "clean"))
     cols = 3
@@ -194,7 +194,8 @@ def _plot_shift(table: list[dict], recal_label: str, path: Path) -> str:
     return _save(fig, path)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display): every plot bnflow writes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,13 +207,13 @@ def _pyplot():
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return str(path)
 
 
 def _plot_confusion(confusion: dict, names: list[str], path: Path) -> str:
     """Row-normalized confusion matrices (recall on the diagonal), counts in the cells, class names on the axes."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(names)
     fig, axes = plt.subplots(1, len(confusion), figsize=(max(6, 0.6 * k + 2) * len(confusion), max(5, 0.55 * k + 1.5)))
     for ax, (tag, cm) in zip(np.atleast_1d(axes), confusion.items()):
@@ -239,7 +240,7 @@ _TITLES = {"before": "as trained (EMA statistics)", "after": "recalibrated"}
 def _plot_reliability(scores: dict, path: Path) -> str:
     """Reliability diagram: accuracy against confidence per bin (the diagonal is perfect calibration),
     with the share of rows per bin below."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(scores), figsize=(5 * len(scores), 6), sharex=True,
                              gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
     for col, (tag, s) in enumerate(scores.items()):
@@ -266,7 +267,7 @@ def _plot_reliability(scores: dict, path: Path) -> str:
 
 
 def _plot_per_class_f1(per_class: dict, names: list[str], path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     k = len(names)
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * k + 2), 4))
     x = np.arange(k)
@@ -282,7 +283,7 @@ def _plot_per_class_f1(per_class: dict, names: list[str], path: Path) -> str:
 
 def _plot_curves(epochs: list[dict], diagnosis: str, path: Path) -> str:
     """Train vs val loss and accuracy per epoch, and the learning rate on its own (log) axis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     e = [r["epoch"] for r in epochs]
     for key, ax in zip(("loss", "accuracy"), axes):
