@@ -3,8 +3,8 @@
 Competitors, all in this one run on the same Ray instance and the same input bytes:
   * bnflow   -- tasks.normalize.normalize (Ray tasks over file groups: one fit pass + one transform pass)
   * ray_data -- ray.data.preprocessors.StandardScaler (fit, then transform + write_parquet)
-  * sklearn  -- pyarrow read, sklearn.preprocessing.StandardScaler fit_transform, pyarrow write
-  * floor    -- pyarrow read, NumPy float64 two-pass mean/std, transform, pyarrow write (one process)
+  * sklearn  -- pyarrow read, sklearn.preprocessing.StandardScaler fit_transform, pyarrow write (as bnflow writes)
+  * floor    -- pyarrow read, NumPy float64 two-pass mean/std, transform, pyarrow write (as bnflow; one process)
 
 Cases: (i) Fashion-MNIST train, 60000 x 784 float32 (per-feature statistics); (ii) synthetic
 2,000,000 x 64 float32 with mean 1e4 and std 0.1, the numerically hard case. Every competitor
@@ -98,8 +98,10 @@ def _read_wide(path: Path) -> np.ndarray:
 
 
 def _write_wide(x: np.ndarray, path: Path) -> None:
+    """The competitors' output, written with the same Parquet options as bnflow's (no dictionary
+    pages, ``tasks.arrow_io.write_file``), so the comparison is of the normalizing, not the writer."""
     path.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({f"f{j}": x[:, j] for j in range(x.shape[1])}), path / "out.parquet")
+    pq.write_table(pa.table({f"f{j}": x[:, j] for j in range(x.shape[1])}), path / "out.parquet", use_dictionary=False)
 
 
 def run_floor(wide: Path, out: Path) -> dict:
