@@ -1,9 +1,11 @@
-"""bnflow's driver side: the DAG, its runner, the CLI, tracking and search."""
+"""bnflow's driver side.
 
-import os
+- ``cli``: the command line (parse, dispatch, exit codes).
+- ``session``: a tracked run's life (checks, lease, Ray, MLflow parent run, signals); ``quiet``:
+  the process-wide settings every command makes first.
+- ``run``, ``adapt``, ``search/``, ``jobs/`` (submit, schedule): the commands.
+- ``dag`` and ``runner``: the stages, declared once, and their walk; ``lease``: one owner per run id.
+- ``tracking/``: everything said to MLflow; ``cluster``: connecting to Ray; ``recipes/``: the shipped recipes.
 
-# MLflow's telemetry client fetches its config in a background thread and, when that fails (a
-# cluster without internet access, or a refused host), deletes _MLFLOW_TELEMETRY_SESSION_ID from
-# os.environ; a tracking request made at that moment iterates os.environ (requests' proxy lookup)
-# and fails with KeyError. Off unless the user sets MLFLOW_DISABLE_TELEMETRY=false.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+Importing this package sets nothing: a serving process that loads a logged model imports it too.
+"""

@@ -39,7 +39,7 @@ def load_source(model_uri: str):
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline import served
+    from pipeline.tracking import served
 
     try:
         model, class_names, info = served.load(model_uri)
@@ -114,8 +114,8 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
     import mlflow
     import torch
 
-    from pipeline import served
-    from pipeline.tracking import source_tags
+    from pipeline.tracking import served
+    from pipeline.tracking.uri import source_tags
     from tasks.nn.bn_stats import update_bn_stats
     from tasks.recalibrate import batch_plan
 
@@ -156,3 +156,44 @@ def _feature_names(info) -> Optional[list[str]]:
     if sig is None or sig.inputs is None or not sig.inputs.has_input_names():
         return None
     return sig.inputs.input_names()
+
+
+def command(args) -> int:
+    """``python -m pipeline adapt``: check the flags and the store, adapt, say where the result is."""
+    import time
+
+    import mlflow
+
+    from pipeline.tracking.uri import check_reachable, default_tracking_uri, ui_command
+    from schemas.errors import ConfigError
+    from tasks.console import say
+
+    for flag, value, low in (("--rows", args.rows, 2), ("--batch-size", args.batch_size, 2)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    uri = default_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    check_store_exists(uri)
+    mlflow.set_tracking_uri(uri)  # MLflow's process-wide store for this command (model loading reads it)
+    t0 = time.perf_counter()
+    done = adapt(args.model, args.data, register=args.register, rows=args.rows, batch_size=args.batch_size,
+                 seed=args.seed, experiment=args.experiment)
+    say(f"adapted {args.model} on {done.rows} rows of {args.data} in {time.perf_counter() - t0:.0f}s")
+    print(f"  model: {done.model_uri}" + (f"  (registered as {args.register} version {done.version})" if done.version else ""))
+    print(f"  MLflow run: {done.run_id}")
+    print(f"  {'see it at' if uri.startswith('http') else 'see it with'}: {ui_command(uri, done.experiment_id, done.run_id)}", flush=True)
+    return 0
+
+
+def check_store_exists(uri: str) -> None:
+    """A local sqlite store that does not exist holds no model to adapt: say so instead of creating
+    an empty database (MLflow creates one on first use).
+
+    Raises:
+        UserError: naming the path and the fix.
+    """
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise UserError(f"tracking store {uri}: no such database, so no model to adapt; give --tracking-uri (or "
+                            "MLFLOW_TRACKING_URI) of the store the model was logged to")

@@ -22,7 +22,7 @@ RAY_TRAIN_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 def connect(cfg: PipelineConfig, verbose: bool = False) -> None:
     """Attach to the cluster this job runs on, or start a local Ray on loopback; check resources.
 
-    Quiet unless ``verbose``: Ray's INFO logs, Ray Data's progress lines and the workers' output
+    Quiet unless ``verbose``: Ray's INFO logs and the workers' output
     stay in Ray's log files (``ray logs``, the dashboard) instead of the console. What a user must
     see from a worker reaches the driver another way (training progress through the train stage's
     progress file, errors as exceptions).
@@ -49,10 +49,6 @@ def connect(cfg: PipelineConfig, verbose: bool = False) -> None:
                            **quiet)
             where = f"; dashboard at http://{ctx.dashboard_url}" if ctx.dashboard_url else ""
             print(f"[bnflow] embedded Ray started in {time.perf_counter() - t0:.1f}s{where}", flush=True)
-    # Deterministic block order, so written splits (and their digests) repeat run to run.
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = verbose
     check_resources(cfg, ray.cluster_resources())
 
 

@@ -48,7 +48,7 @@ class Node:
     resumable: bool = False  # continues from its own checkpoints in an interrupted attempt's .partial directory
 
 
-PIPELINE: tuple[Node, ...] = (  # a search walks parts of it: DATA once, TRAIN per trial, then FINISH
+PIPELINE: tuple[Node, ...] = (  # a search walks parts of it: the data stages once, train per trial, then the rest
     Node("ingest", ingest, "data", {"seed": "seed"}, {"raw": A.Dataset}, source=source_fingerprint),
     Node("normalize", normalize, "normalize", {"raw": "raw"}, {"data": A.Dataset, "norm_stats": A.NormStatsFile}),
     Node("train", train, "train", {"data": "data", "norm_stats": "norm_stats", "seed": "seed"},
@@ -63,7 +63,17 @@ PIPELINE: tuple[Node, ...] = (  # a search walks parts of it: DATA once, TRAIN p
 )
 
 
-DATA, TRAIN, FINISH = PIPELINE[:2], PIPELINE[2:3], PIPELINE[3:]
+def select(*names: str) -> tuple[Node, ...]:
+    """The named nodes of the pipeline, in its order (a search walks it in parts).
+
+    Raises:
+        DagError: a name that is not a stage (with a "did you mean").
+    """
+    known = [n.name for n in PIPELINE]
+    for name in names:
+        if name not in known:
+            raise DagError(f"no stage named '{name}'{_hint(name, known)}")
+    return tuple(n for n in PIPELINE if n.name in names)
 
 
 def derived_params(cfg: PipelineConfig, nodes: tuple[Node, ...] = PIPELINE) -> dict[str, str]:

@@ -33,7 +33,6 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline.dag import PIPELINE, RUNTIME_VALUES, Node, validate
-from pipeline.tracking import Tracker
 from schemas.config import PipelineConfig, config_hash
 from schemas.errors import ConfigError
 from tasks.console import interactive, say
@@ -44,18 +43,17 @@ PARTIAL = ".partial"
 CACHE_DIR = ".stage-cache"  # under storage: made_from -> the stage directory that holds those outputs
 
 
-def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, ...] = PIPELINE,
+def run(cfg: PipelineConfig, run_id: str, tracker, nodes: tuple[Node, ...] = PIPELINE,
         given: dict | None = None) -> dict:
     """Run (or resume) pipeline ``run_id``; returns every artifact by name. ``given`` holds artifacts
     made before this walk, by name (a search hands its trials the shared data this way); they enter
-    the manifests' digests like any stage's outputs.
+    the manifests' digests like any stage's outputs. ``tracker`` records each stage: a
+    ``pipeline.tracking.runs.Tracker`` or anything with its ``stage`` and ``stage_skipped``.
 
     Raises:
         ConfigError: a complete stage of this run id was made from other inputs than today's.
     """
     order = validate(nodes, given=tuple(given or ()))
-    if any(node.name == "evaluate" for node in order):
-        _import_plotting_meanwhile()
     root = Path(cfg.storage).resolve() / run_id
     produced: dict = {**(given or {}), "seed": cfg.seed}
     for i, node in enumerate(order, 1):
@@ -89,16 +87,6 @@ def run(cfg: PipelineConfig, run_id: str, tracker: Tracker, nodes: tuple[Node, .
             say(f"stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s")
         produced.update(outputs)
     return produced
-
-
-def _import_plotting_meanwhile() -> None:
-    """Import matplotlib (about a second) on a helper thread while the driver mostly waits on its
-    workers, instead of inside the evaluate stage that draws the plots."""
-    import threading
-
-    from tasks.evaluate import pyplot
-
-    threading.Thread(target=pyplot, name="bnflow-import-plotting", daemon=True).start()
 
 
 def _cache_entry(storage: Path, node: Node, made_from: dict) -> Path:

@@ -133,7 +133,7 @@ OPTIMIZERS = {"sgd": SGDConfig, "adam": AdamConfig, "rmsprop": RMSpropConfig, "a
               "adadelta": AdadeltaConfig}
 
 
-class ScheduleConfig(_Strict):
+class LRScheduleConfig(_Strict):
     kind: Literal["constant", "step", "exponential", "cosine"] = Field("cosine", description="Learning-rate decay, applied per epoch.")
     step_size: int = Field(5, ge=1, description="step: epochs between decays.")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step/exponential: multiplicative decay factor.")
@@ -189,7 +189,7 @@ class TrainConfig(_Strict):
         default_factory=SGDConfig,
         description="Optimizer (name: sgd, adam, rmsprop, adagrad, adadelta) and only its own hyperparameters. "
                     "--set train.optimizer.name=X that changes the recipe's optimizer starts the section afresh from X's defaults.")
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+    schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig, description="Learning-rate schedule.")
     grad_clip_norm: Optional[float] = Field(None, gt=0.0, description="Clip the global gradient norm to this value; null to disable.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture and initialization.")
     eval_every: int = Field(1, ge=1, description="Compute val loss/accuracy every this many epochs.")

@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints their message as one line and exits with code 2."""
+"""User-facing errors: the CLI prints their message as one line and exits with code 2 (a
+``ServiceUnavailable``: exit code 1, the run can be retried as it is)."""
 
 
 class UserError(Exception):
@@ -20,6 +21,11 @@ class TrainingDiverged(UserError):
 
 class SchemaMismatch(DataError):
     """An Arrow schema at a stage boundary that differs from the contract."""
+
+
+class ServiceUnavailable(Exception):
+    """A service the run needs (the tracking server, the model registry) did not answer mid-run.
+    Nothing is wrong with the input: rerunning the same run id later continues where it stopped."""
 
 
 def find_user_error(exc: BaseException) -> UserError | None:

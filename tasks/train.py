@@ -22,7 +22,7 @@ from torch import nn
 
 from schemas import arrow
 from schemas.artifacts import Checkpoint, CheckpointState, Dataset, ModelSpec, NormStats, NormStatsFile, TrainHistory
-from schemas.config import OptimizerConfig, ScheduleConfig, TrainConfig
+from schemas.config import OptimizerConfig, LRScheduleConfig, TrainConfig
 from schemas.errors import DataError, TrainingDiverged
 from tasks import arrow_io
 from tasks.console import Progress, say
@@ -480,7 +480,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
     return torch.optim.Adadelta(groups, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps)
 
 
-def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, epochs: int):
+def build_scheduler(cfg: LRScheduleConfig, optimizer: torch.optim.Optimizer, epochs: int):
     """torch's per-epoch schedulers: ``cfg.kind`` after ``cfg.warmup_epochs`` of linear warm-up.
 
     Warm-up epoch e (0-based) runs at (e + 1) / (warmup + 1) of the base rate. Cosine anneals from

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-import pipeline  # noqa: F401  before any test module imports mlflow: it turns MLflow's telemetry off (see there)
-
 ROOT = Path(__file__).resolve().parents[1]
 
+# The commands set this first (pipeline.quiet); tests call their parts directly, so set it before any
+# test module imports MLflow.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Loopback only, for Ray, gloo and the MLflow server.
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -39,7 +39,6 @@ def ray_session():
     if not ray.is_initialized():
         # address="local": a fresh instance even if a `ray start` cluster runs on this machine.
         ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     yield ray
     ray.shutdown()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+from pipeline.tracking.runs import TAG_RUN_ID, TAG_STAGE
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +122,7 @@ def test_the_run_reads_in_the_mlflow_ui(mlflow_server, tmp_path):
     assert len(runs) == 6, "runs after test_a_terminal_sees_..., which makes this run"
     shots = Path(os.environ.get("BNFLOW_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "mlflow-ui"
     shots.mkdir(parents=True, exist_ok=True)
-    from pipeline.tracking import ui_command
+    from pipeline.tracking.uri import ui_command
 
     playwright, chromium = _browser()
     with playwright as p:

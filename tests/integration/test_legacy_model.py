@@ -20,7 +20,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import registry, served
+from pipeline.tracking import registry, served
 from schemas.config import GateConfig
 from tasks.nn.models import MLP, NormalizedClassifier
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import served
+from pipeline.tracking import served
 from pipeline.cli import main
-from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+from pipeline.tracking.runs import TAG_RUN_ID, TAG_STAGE
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 STAGES = {"ingest", "normalize", "train", "recalibrate", "evaluate"}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import registry, served
+from pipeline.tracking import registry, served
 from schemas.config import GateConfig, ModelConfig
 from tasks.nn.models import NormalizedClassifier, build_model
 from tests.conftest import free_port, stop

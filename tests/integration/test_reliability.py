@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.lease import Lease
-from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+from pipeline.tracking.runs import TAG_RUN_ID, TAG_STAGE
 from schemas.artifacts import CheckpointState
 from tests.conftest import ROOT, free_port, start_cli, start_mlflow_server, stop, wait_for_line
 

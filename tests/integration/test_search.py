@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import recipes, search
+from pipeline import recipes
+from pipeline.search import plan, space
 from pipeline.cli import main
 from pipeline.runner import artifact_digest
-from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+from pipeline.tracking.runs import TAG_RUN_ID, TAG_STAGE
 from schemas import artifacts as A
 from tests.conftest import start_cli, wait_for_line
 
@@ -39,7 +40,7 @@ def _runs(uri, search_id):
 
 def _results(storage, search_id) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text())
-            for p in sorted((Path(storage) / search_id / search.TRIALS_DIR).glob(f"*/{search.RESULT_FILE}"))}
+            for p in sorted((Path(storage) / search_id / plan.TRIALS_DIR).glob(f"*/{plan.RESULT_FILE}"))}
 
 
 def test_an_interrupted_search_resumes_without_repeating_a_trial_and_records_everything(mlflow_server, tmp_path, capsys):
@@ -52,7 +53,7 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial_and_records_eve
     assert err.strip().splitlines()[-1] == f"interrupted; resume with --search-id {sid}"
     first = _results(storage, sid)
     assert "r1-t01" in first and len(first) < TRIALS
-    sampled_before = {r.data.tags[search.TAG_TRIAL]: r.data.params for r in _runs(mlflow_server, sid)
+    sampled_before = {r.data.tags[plan.TAG_TRIAL]: r.data.params for r in _runs(mlflow_server, sid)
                       if r.data.tags.get(TAG_STAGE) == "trial"}
     assert {"r1-t01", "r1-t02"} <= set(sampled_before)  # a round's runs exist before its trials run
 
@@ -67,18 +68,18 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial_and_records_eve
     runs = _runs(mlflow_server, sid)
     stages = [r.data.tags[TAG_STAGE] for r in runs]
     assert sorted(stages) == sorted(["pipeline", "ingest", "normalize", "recalibrate", "evaluate"] + ["trial"] * TRIALS)
-    assert not list((storage / sid / search.TRIALS_DIR).glob("*/ingest*"))  # the data stages ran once, for all
+    assert not list((storage / sid / plan.TRIALS_DIR).glob("*/ingest*"))  # the data stages ran once, for all
     parent = next(r for r in runs if r.data.tags[TAG_STAGE] == "pipeline")
-    assert parent.info.status == "FINISHED" and parent.data.tags[search.TAG_KIND] == "search"
+    assert parent.info.status == "FINISHED" and parent.data.tags[plan.TAG_KIND] == "search"
     client = MlflowClient(mlflow_server)
-    trials = {r.data.tags[search.TAG_TRIAL]: r for r in runs if r.data.tags[TAG_STAGE] == "trial"}
+    trials = {r.data.tags[plan.TAG_TRIAL]: r for r in runs if r.data.tags[TAG_STAGE] == "trial"}
     for t, res in results.items():
         run = trials[t]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
-        assert run.data.tags[search.TAG_ROUND] == t[1]
-        assert run.data.tags[search.TAG_TRIAL_STATUS].startswith(res["status"])
+        assert run.data.tags[plan.TAG_ROUND] == t[1]
+        assert run.data.tags[plan.TAG_TRIAL_STATUS].startswith(res["status"])
         # The sampled values are the trial's params, and a rerun sampled the same ones.
-        assert {k: run.data.params[f"search.{k}"] for k in res["values"]} == {k: search._fmt(v) for k, v in res["values"].items()}
+        assert {k: run.data.params[f"search.{k}"] for k in res["values"]} == {k: plan.fmt(v) for k, v in res["values"].items()}
         if t in sampled_before:
             assert {k: v for k, v in run.data.params.items() if k.startswith("search.")} == \
                    {k: v for k, v in sampled_before[t].items() if k.startswith("search.")}
@@ -91,7 +92,7 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial_and_records_eve
 
     # Round 2 sampled inside round 1's narrowed space.
     cfg = recipes.load("digits", [f"search.trials={TRIALS}", f"search.rounds={ROUNDS}"])
-    narrowed = search.S.narrow(search.plan(cfg), [(r["values"], r["score"]) for t, r in results.items() if t.startswith("r1")
+    narrowed = space.narrow(plan.checked_space(cfg), [(r["values"], r["score"]) for t, r in results.items() if t.startswith("r1")
                                                   and r["score"] is not None], "max")
     for t in ("r2-t01", "r2-t02"):
         for f, dim in narrowed.items():
@@ -105,7 +106,7 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial_and_records_eve
     assert parent.data.metrics["search_best_val_accuracy"] == pytest.approx(done[best]["score"])
     assert parent.data.metrics["search_trials"] == TRIALS
     assert {k: parent.data.params[f"best.{k}"] for k in done[best]["values"]} == \
-           {k: search._fmt(v) for k, v in done[best]["values"].items()}
+           {k: plan.fmt(v) for k, v in done[best]["values"].items()}
     recal = json.loads((storage / sid / "recalibrate" / "manifest.json").read_text())
     trained = json.loads((storage / sid / "trials" / best / "train" / "manifest.json").read_text())
     assert recal["made_from"]["inputs"]["checkpoint"] == artifact_digest(A.Checkpoint.model_validate(trained["outputs"]["trained"]))
@@ -133,13 +134,13 @@ def test_diverging_trials_are_failed_trials_and_a_search_with_no_other_is_one_li
     assert "no trial completed; every one failed or diverged" in err.strip().splitlines()[-1]
     results = _results(storage, sid)
     assert sorted(results) == ["r1-t01"]
-    trials = {r.data.tags[search.TAG_TRIAL]: r for r in _runs(mlflow_server, sid) if r.data.tags[TAG_STAGE] == "trial"}
+    trials = {r.data.tags[plan.TAG_TRIAL]: r for r in _runs(mlflow_server, sid) if r.data.tags[TAG_STAGE] == "trial"}
     for t, res in results.items():
         assert res["status"] == "failed" and res["score"] is None and res["note"].startswith("diverged: train loss is nan")
         assert f"search trial {t} (" in out and "failed, no score" in out
         assert trials[t].info.status == "FAILED"
-        assert trials[t].data.tags[search.TAG_TRIAL_STATUS].startswith("failed: diverged")
-        assert not (storage / sid / search.TRIALS_DIR / t / "train").exists()  # nothing that looks complete
+        assert trials[t].data.tags[plan.TAG_TRIAL_STATUS].startswith("failed: diverged")
+        assert not (storage / sid / plan.TRIALS_DIR / t / "train").exists()  # nothing that looks complete
 
 
 @pytest.mark.parametrize("sets, words", [

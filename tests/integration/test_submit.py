@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import TAG_RUN_ID, TAG_STAGE
+from pipeline.tracking.runs import TAG_RUN_ID, TAG_STAGE
 from tests.conftest import start_ray_head, stop_ray_head
 
 pytestmark = pytest.mark.slow

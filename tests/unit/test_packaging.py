@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import json
 import subprocess
 import sys
 import sysconfig
@@ -96,8 +97,24 @@ def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(setting, client):
     # MLflow also stays off under pytest or any CI system it recognises (PYTEST_CURRENT_TEST, CI,
     # GITHUB_ACTIONS, ...): the child process is made to look like a user's, then the client is set
     # up again, so only MLFLOW_DISABLE_TELEMETRY decides.
-    code = ("import pipeline, mlflow, mlflow.telemetry.utils as u; u._IS_IN_CI_ENV_OR_TESTING = False; "
+    code = ("from pipeline import quiet; quiet.configure(verbose=True); "
+            "import mlflow, mlflow.telemetry.utils as u; u._IS_IN_CI_ENV_OR_TESTING = False; "
             "from mlflow.telemetry.client import get_telemetry_client, set_telemetry_client; set_telemetry_client(); "
             "print(type(get_telemetry_client()).__name__ if get_telemetry_client() else None)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == client, r.stderr[-2000:]
+
+
+def test_importing_bnflow_changes_no_process_state():
+    """Regression: importing ``pipeline`` set an environment variable, and importing the served model's
+    module replaced ``warnings.showwarning``: every serving process of a logged model got both. The
+    commands set what they need first thing (``pipeline.quiet.configure``)."""
+    code = ("import os, sys, warnings, json; env = dict(os.environ); show = warnings.showwarning; "
+            "import pipeline, pipeline.cli, pipeline.tracking.served, pipeline.tracking.runs, pipeline.runner, "
+            "pipeline.search.rounds, pipeline.jobs.commands; "
+            "print(json.dumps({'env': sorted(set(os.environ.items()) ^ set(env.items())), "
+            "'showwarning': warnings.showwarning is show}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"env": [], "showwarning": True}

@@ -7,7 +7,8 @@ import datetime as dt
 
 import pytest
 
-from pipeline.schedule import Scheduler, ScheduleConfig, slots_between
+from pipeline.jobs.schedule import Scheduler, slots_between
+from schemas.schedule import CronSchedule
 
 UTC = dt.timezone.utc
 
@@ -30,7 +31,7 @@ class Cluster:
 
 
 def scheduler(cluster, started, **policy) -> Scheduler:
-    cfg = ScheduleConfig(cron="0 2 * * *", **policy)
+    cfg = CronSchedule(cron="0 2 * * *", **policy)
     return Scheduler(cfg, lambda: dict(cluster.jobs), cluster.submit, lambda line: None, started=started)
 
 
@@ -84,7 +85,7 @@ def test_a_slot_due_while_the_previous_runs_is_skipped_for_good():
 
 def test_a_bad_cron_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="not a five-field cron expression"):
-        ScheduleConfig(cron="0 2 * *")
+        CronSchedule(cron="0 2 * *")
 
 
 def test_a_failed_submission_is_retried_at_the_next_tick_and_the_scheduler_lives_on():
@@ -106,7 +107,7 @@ def test_a_failed_submission_is_retried_at_the_next_tick_and_the_scheduler_lives
         if not clock.__length_hint__():
             raise Stop
 
-    s = Scheduler(ScheduleConfig(cron="0 2 * * *", catchup="none"), lambda: dict(cluster.jobs), flaky, said.append,
+    s = Scheduler(CronSchedule(cron="0 2 * * *", catchup="none"), lambda: dict(cluster.jobs), flaky, said.append,
                   started=t(24, 1))
     with pytest.raises(Stop):  # after two ticks
         s.run_forever(lambda: next(clock), sleep)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.space import narrow, parse, sample
+from pipeline.search.space import narrow, parse, sample
 from schemas.errors import ConfigError
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import recipes, slots, submit
+from pipeline import recipes
+from pipeline.jobs import slots, submit
 from schemas.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

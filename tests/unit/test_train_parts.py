@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from schemas.config import (AdadeltaConfig, AdagradConfig, AdamConfig, ModelConfig, RMSpropConfig, ScheduleConfig,
+from schemas.config import (AdadeltaConfig, AdagradConfig, AdamConfig, ModelConfig, RMSpropConfig, LRScheduleConfig,
                             SGDConfig)
 from tasks.nn.models import build_model
 from tasks.train import build_optimizer, build_scheduler
 
 
-def _reference_factor(cfg: ScheduleConfig, epoch: int, epochs: int, base_lr: float) -> float:
+def _reference_factor(cfg: LRScheduleConfig, epoch: int, epochs: int, base_lr: float) -> float:
     """The closed-form schedule bnflow used before torch's schedulers (0-based epoch)."""
     if epoch < cfg.warmup_epochs:
         return (epoch + 1) / (cfg.warmup_epochs + 1)
@@ -26,7 +26,7 @@ def _reference_factor(cfg: ScheduleConfig, epoch: int, epochs: int, base_lr: flo
     return 1.0
 
 
-def _lrs(cfg: ScheduleConfig, epochs: int, base_lr: float = 0.1) -> list[float]:
+def _lrs(cfg: LRScheduleConfig, epochs: int, base_lr: float = 0.1) -> list[float]:
     model = build_model(ModelConfig(kind="mlp", hidden=(4,)), 3, 2)
     opt = build_optimizer(SGDConfig(lr=base_lr), model)
     sched = build_scheduler(cfg, opt, epochs)
@@ -39,10 +39,10 @@ def _lrs(cfg: ScheduleConfig, epochs: int, base_lr: float = 0.1) -> list[float]:
 
 
 @pytest.mark.parametrize("cfg", [
-    ScheduleConfig(kind="step", step_size=2, gamma=0.5), ScheduleConfig(kind="exponential", gamma=0.9),
-    ScheduleConfig(kind="cosine", min_lr=0.01), ScheduleConfig(kind="cosine"), ScheduleConfig(kind="constant"),
-    ScheduleConfig(kind="constant", warmup_epochs=3), ScheduleConfig(kind="cosine", warmup_epochs=2, min_lr=0.001),
-    ScheduleConfig(kind="step", step_size=3, gamma=0.1, warmup_epochs=1),
+    LRScheduleConfig(kind="step", step_size=2, gamma=0.5), LRScheduleConfig(kind="exponential", gamma=0.9),
+    LRScheduleConfig(kind="cosine", min_lr=0.01), LRScheduleConfig(kind="cosine"), LRScheduleConfig(kind="constant"),
+    LRScheduleConfig(kind="constant", warmup_epochs=3), LRScheduleConfig(kind="cosine", warmup_epochs=2, min_lr=0.001),
+    LRScheduleConfig(kind="step", step_size=3, gamma=0.1, warmup_epochs=1),
 ])
 def test_torch_schedulers_keep_the_learning_rate_of_every_epoch(cfg):
     epochs = 9
@@ -51,9 +51,9 @@ def test_torch_schedulers_keep_the_learning_rate_of_every_epoch(cfg):
 
 
 def test_cosine_last_epoch_still_learns_and_warmup_ramps():
-    lrs = _lrs(ScheduleConfig(kind="cosine", min_lr=0.01), 5)
+    lrs = _lrs(LRScheduleConfig(kind="cosine", min_lr=0.01), 5)
     assert lrs[0] == 0.1 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0.01
-    assert _lrs(ScheduleConfig(kind="constant", warmup_epochs=3), 5) == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
+    assert _lrs(LRScheduleConfig(kind="constant", warmup_epochs=3), 5) == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
 
 
 @pytest.mark.parametrize("cfg, cls, check", [

@@ -9,10 +9,12 @@ A candidate is promoted when BOTH hold:
    through the same registered pyfunc a caller would use (never a number copied from its old run,
    which was measured on other data).
 
-A champion that cannot score this run's test rows (another feature contract) blocks the promotion:
-move the alias by hand if the change is intended. The decision, both scores and the reason are tags
-on the version and on the run; a rerun of the same run id finds its version (tag ``bnflow.run_id``)
-and its recorded decision instead of registering twice.
+A champion that cannot score this run's test rows (another feature contract, a model that no
+longer loads) blocks the promotion: that is a decision, recorded with its reason; move the alias by
+hand if the change is intended. A registry that cannot be reached (server down, a timeout) is not a
+decision: the error is raised, nothing is recorded, and a rerun decides again. The decision, both
+scores and the reason are tags on the version and on the run; a rerun of the same run id finds its
+version (tag ``bnflow.run_id``) and its recorded decision instead of registering twice.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from schemas.config import GateConfig
+from schemas.errors import ServiceUnavailable
 
 ALIAS = "champion"
 
@@ -66,6 +69,29 @@ def decide(candidate: float, champion: Optional[float], champion_version: Option
                   f"gain {gain:+.4f} meets tracking.gate.min_improvement={gate.min_improvement}")
 
 
+class RegistryUnavailable(ServiceUnavailable):
+    """The registry or its artifact store did not answer; retry the run once it does."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the store is unreachable or
+    overloaded, as opposed to a model that cannot do what is asked."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
+                              requests.exceptions.Timeout)):
+            return True
+        # Not every 500: MLflow raises its generic INTERNAL_ERROR for models that refuse their input too.
+        if isinstance(error, MlflowException) and error.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def accuracy(model_uri: str, x: np.ndarray, y: np.ndarray, feature_names: Optional[list[str]] = None) -> float:
     """Share of rows a registered model classifies right, through its pyfunc (raw rows in)."""
     import mlflow
@@ -82,11 +108,15 @@ def accuracy(model_uri: str, x: np.ndarray, y: np.ndarray, feature_names: Option
 
 
 def gate(client, name: str, run_id: str, model_uri: str, x: np.ndarray, y: np.ndarray, cfg: GateConfig,
-         feature_names: Optional[list[str]] = None, say=print) -> Decision:
+         feature_names: Optional[list[str]] = None, say=print, score=accuracy) -> Decision:
     """Register ``model_uri`` under ``name`` (once per bnflow run id) and move the alias if it earns it.
 
     Args:
         x, y: this run's RAW test rows and labels, scored by the candidate and the champion alike.
+        score: ``(model URI, x, y, feature_names) -> accuracy``; the registered pyfunc's by default.
+
+    Raises:
+        RegistryUnavailable: the registry did not answer; nothing was decided (a rerun decides).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -104,18 +134,24 @@ def gate(client, name: str, run_id: str, model_uri: str, x: np.ndarray, y: np.nd
                         t.get("bnflow.gate_champion_version"))
     else:
         version = version.version
-    candidate = accuracy(f"models:/{name}/{version}", x, y, feature_names)
+    candidate = _unless_unavailable(score, f"models:/{name}/{version}", x, y, feature_names)
     try:
         champion_version = client.get_model_version_by_alias(name, ALIAS).version
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # anything but "no such alias"
+            raise RegistryUnavailable(f"model registry: {e.message.splitlines()[0]}") from e
         champion_version = None
     champion = None
     if champion_version == version:  # an earlier attempt of this run promoted it and stopped before its tags
         champion_version = None
     if champion_version is not None:
         try:
-            champion = accuracy(f"models:/{name}@{ALIAS}", x, y, feature_names)
-        except Exception as e:  # another contract (features, classes): it cannot be compared on these rows
+            champion = score(f"models:/{name}@{ALIAS}", x, y, feature_names)
+        except Exception as e:
+            if is_transient(e):
+                raise RegistryUnavailable(f"the {ALIAS} (version {champion_version}) could not be fetched: "
+                                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; rerun to decide") from e
+            # another contract (features, classes), or a model that no longer loads: a decision
             say(f"gate: the {ALIAS} (version {champion_version}) cannot score this run's test rows: {str(e).splitlines()[0]}")
     promoted, reason = decide(candidate, champion, champion_version, cfg)
     decision = Decision(name, version, promoted, reason, candidate, champion, champion_version)
@@ -131,11 +167,17 @@ def gate(client, name: str, run_id: str, model_uri: str, x: np.ndarray, y: np.nd
     return decision
 
 
-def _version_of(client, name: str, run_id: str):
-    from mlflow.exceptions import MlflowException
-
+def _unless_unavailable(score, uri: str, x, y, feature_names):
     try:
-        found = client.search_model_versions(f"name = '{name}' and tags.`bnflow.run_id` = '{run_id}'")
-    except MlflowException:  # no such registered model yet
-        return None
+        return score(uri, x, y, feature_names)
+    except Exception as e:
+        if is_transient(e):
+            raise RegistryUnavailable(f"{uri} could not be fetched: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise
+
+
+def _version_of(client, name: str, run_id: str):
+    """The version registered for ``run_id``, or None. An error is raised, never read as "none":
+    reading an outage as "not registered yet" registered a second version of the same run."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`bnflow.run_id` = '{run_id}'")
     return found[0] if found else None

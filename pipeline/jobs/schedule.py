@@ -2,7 +2,7 @@
 slot, for users with no scheduler of their own.
 
 It keeps no state of its own: a slot is handled when the cluster holds a job for it (the slot's
-submission ids are deterministic, ``pipeline.submit``), so a restarted scheduler knows what ran.
+submission ids are deterministic, ``pipeline.jobs.submit``), so a restarted scheduler knows what ran.
 Every submission goes through ``pipeline submit``'s code path, so a slot retried by hand and by the
 scheduler is still one run.
 """
@@ -10,33 +10,11 @@ scheduler is still one run.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Callable, Literal
+from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from pipeline import slots
-from pipeline.submit import LIVE
-
-
-class ScheduleConfig(BaseModel):
-    """When to run, and what to do about missed and overlapping slots."""
-
-    model_config = ConfigDict(extra="forbid")
-    cron: str = Field(description="five-field cron expression in UTC, e.g. '0 2 * * *' (02:00 every day)")
-    catchup: Literal["none", "latest", "all"] = Field(
-        "latest", description="slots missed while no scheduler ran: none, only the latest, or all (oldest first)")
-    max_active: int = Field(1, ge=1, description="at most this many of the schedule's jobs run at once")
-    overlap: Literal["queue", "skip"] = Field(
-        "queue", description="a slot due while max_active jobs run: wait for one to end (queue) or drop it (skip)")
-
-    @field_validator("cron")
-    @classmethod
-    def _valid_cron(cls, v: str) -> str:
-        from croniter import croniter
-
-        if len(v.split()) != 5 or not croniter.is_valid(v):
-            raise ValueError(f"{v!r} is not a five-field cron expression (minute hour day month weekday), e.g. '0 2 * * *'")
-        return v
+from pipeline.jobs import slots
+from pipeline.jobs.submit import LIVE
+from schemas.schedule import CronSchedule
 
 
 def slots_between(cron: str, after: dt.datetime, until: dt.datetime) -> list[dt.datetime]:
@@ -61,7 +39,7 @@ class Scheduler:
         say: one console line.
     """
 
-    def __init__(self, cfg: ScheduleConfig, jobs: Callable[[], dict], submit: Callable[[dt.datetime], None],
+    def __init__(self, cfg: CronSchedule, jobs: Callable[[], dict], submit: Callable[[dt.datetime], None],
                  say: Callable[[str], None], started: dt.datetime):
         self.cfg, self.jobs, self.submit, self.say = cfg, jobs, submit, say
         self.started = started

@@ -77,6 +77,14 @@ class Dim:
         lo, hi = self.bounds()
         return self._from(float(rng.uniform(lo, hi)))
 
+    def extremes(self) -> tuple:
+        """The values at both ends of the sampling range (every choice of a choice): a config that
+        takes these takes any draw."""
+        if self.kind == "choice":
+            return self.choices
+        lo, hi = self.bounds()
+        return self._from(lo), self._from(hi)
+
     @property
     def log_scale(self) -> bool:
         return self.kind in ("loguniform", "one_minus_loguniform")

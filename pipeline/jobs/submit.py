@@ -22,10 +22,10 @@ import urllib.parse
 from pathlib import Path
 from typing import Optional
 
-from pipeline.cli import DEFAULT_ADDRESS
 from schemas.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # a head on this machine (its dashboard port)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LIVE = ("PENDING", "RUNNING")
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -95,7 +95,7 @@ def plan(cfg, recipe: Optional[str], overrides: list[str], address: str) -> tupl
         ConfigError: a local tracking store or a relative storage path on a cluster of other machines
             (its workers could not reach them), or a recipe file outside this checkout.
     """
-    from pipeline.tracking import CREDENTIAL_ENV, SUBMITTER_ENV, default_tracking_uri, split_credentials, source_tags
+    from pipeline.tracking.uri import CREDENTIAL_ENV, SUBMITTER_ENV, default_tracking_uri, split_credentials, source_tags
 
     local = is_loopback(address)
     uri = default_tracking_uri(cfg.tracking.uri)
