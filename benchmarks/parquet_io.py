@@ -2,7 +2,7 @@
 (no dictionary encoding), side by side in one process, on a standardized Fashion-MNIST train split.
 
 Per repeat and per way of writing: write the split in ROWS_PER_FILE files, then read rank 0 of 2's
-shard the way a training worker does (``tasks.train.read_shard``), then delete the files. Medians of
+shard the way a training worker does (``tasks.train_loop.read_shard``), then delete the files. Medians of
 ``--repeats``; the ratios are the figures (the machine is noisy).
 
     python -m benchmarks.parquet_io [--rows 54000] [--repeats 5]
@@ -35,7 +35,7 @@ def main() -> None:
     from schemas import arrow
     from tasks import arrow_io
     from tasks.ingest import FASHION_MNIST_DIR, _fashion_mnist
-    from tasks.train import read_shard
+    from tasks.train_loop import read_shard
 
     (x, y), _ = _fashion_mnist(Path(FASHION_MNIST_DIR))
     x, y = x[: args.rows], y[: args.rows]

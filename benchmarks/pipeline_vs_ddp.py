@@ -49,7 +49,7 @@ def _plain_ddp(rank, port, epochs, queue, t_spawn):
     from pipeline import recipes
     from tasks.ingest import FASHION_MNIST_DIR, _fashion_mnist
     from tasks.nn.models import build_model
-    from tasks.train import build_optimizer, build_scheduler
+    from tasks.train_loop import build_optimizer, build_scheduler
 
     cfg = recipes.load("fashion_mnist", [f"train.epochs={epochs}"]).train
     t_start = time.perf_counter()

@@ -105,7 +105,7 @@ def _worker(rank, world, args):
     x, y = _fashion_mnist(20000)
     shard = slice(rank, None, WORKERS)
     x, y = x[shard], y[shard]
-    from tasks.train import ddp_kwargs
+    from tasks.train_loop import ddp_kwargs
 
     # Each mode with the DDP options the train stage gives it.
     models = {k: nn.parallel.DistributedDataParallel(m, **ddp_kwargs(k)) for k, m in _models().items()}

@@ -46,8 +46,9 @@ class Progress:
         if interactive():
             from tqdm import tqdm
 
+            width = _fixed_width()
             self.bar = tqdm(total=self.total, desc=f"[bnflow] {self.desc}", unit=self.unit, file=sys.stderr, leave=False,
-                            dynamic_ncols=True, unit_scale=self.unit == "rows")
+                            dynamic_ncols=width is None, ncols=width, unit_scale=self.unit == "rows")
             _bar = self.bar
         return self
 
@@ -78,3 +79,13 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             _bar = None
+
+
+def _fixed_width():
+    """80 on a terminal that reports 0 columns (some CI consoles and serial lines do; tqdm then draws
+    nothing at all), else None: the bar follows the terminal's width."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return None
+    return 80 if columns <= 0 else None

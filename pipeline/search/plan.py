@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,6 +53,15 @@ class Outcome:
     @classmethod
     def load(cls, path: Path) -> "Outcome":
         return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class SearchResult:
+    outcomes: list[Outcome]
+    best: Outcome
+    produced: dict
+    space_per_round: list[dict[str, S.Dim]]
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def plain(value):

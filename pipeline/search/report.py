@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.search.plan import fmt, plain, ranked
+from pipeline.search.plan import SearchResult, fmt, plain, ranked
 from pipeline.tracking.runs import Tracker
 
 def record(tracker: Tracker, result: SearchResult) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.tune import Callback
@@ -35,7 +34,8 @@ from ray.tune import Callback
 from pipeline import dag, runner
 from pipeline.search import space as S
 from pipeline.search import plan
-from pipeline.search.plan import RESULT_FILE, TAG_ROUND, TAG_TRIAL, TAG_TRIAL_STATUS, TRIALS_DIR, Outcome, Trial, fmt
+from pipeline.search.plan import (RESULT_FILE, TAG_ROUND, TAG_TRIAL, TAG_TRIAL_STATUS, TRIALS_DIR, Outcome, SearchResult,
+                                  Trial, fmt)
 from pipeline.search.trial import trial_main
 from pipeline.tracking.runs import TAG_RUN_ID, TAG_STAGE, Tracker
 from schemas.config import PipelineConfig
@@ -54,15 +54,6 @@ TUNE_SETTINGS = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_CHDIR_TO_TRIAL_DIR": "
 
 
 # -- the search ------------------------------------------------------------------------------------
-@dataclass
-class SearchResult:
-    outcomes: list[Outcome]
-    best: Outcome
-    produced: dict
-    space_per_round: list[dict[str, S.Dim]]
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
 def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str, S.Dim]) -> SearchResult:
     """Run (or resume) search ``search_id`` end to end; the caller holds its lease and its open
     parent run (``tracker``).

@@ -8,7 +8,7 @@ import torch
 from schemas.config import (AdadeltaConfig, AdagradConfig, AdamConfig, ModelConfig, RMSpropConfig, LRScheduleConfig,
                             SGDConfig)
 from tasks.nn.models import build_model
-from tasks.train import build_optimizer, build_scheduler
+from tasks.train_loop import build_optimizer, build_scheduler
 
 
 def _reference_factor(cfg: LRScheduleConfig, epoch: int, epochs: int, base_lr: float) -> float:
@@ -121,7 +121,7 @@ def _split_sorted_by_label(tmp_path, sizes):
 def test_read_shard_gives_equal_strided_shards_that_cover_every_class(tmp_path, world):
     import numpy as np
 
-    from tasks.train import read_shard
+    from tasks.train_loop import read_shard
 
     files, x, y = _split_sorted_by_label(tmp_path, [9, 1, 0, 17, 13])  # 40 rows, an empty and a one-row file
     per_rank = len(y) // world
@@ -140,16 +140,16 @@ def test_read_shard_gives_equal_strided_shards_that_cover_every_class(tmp_path, 
 
 
 def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, monkeypatch):
-    """The driver logs epochs as rank 0's progress file shows them: each epoch after the one the
+    """The driver logs epochs as rank 0's epochs file shows them: each epoch after the one the
     attempt resumed from, once, even when the file is read many times or a restarted worker group
     goes back to an earlier epoch; an unreachable server's note is said once."""
     import json
 
     from tasks.console import Progress
-    from tasks.train import _ProgressWatch
+    from tasks.train_progress import EPOCHS_FILE, ProgressWatch
 
     monkeypatch.setenv("BNFLOW_PROGRESS", "0")  # a log, where each epoch has its line
-    path = tmp_path / "progress.json"
+    path = tmp_path / EPOCHS_FILE
     calls = []
 
     def on_epoch(epoch, metrics):
@@ -158,11 +158,10 @@ def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, 
 
     def write(resumed_after, epochs):
         history = [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, epochs + 1)]
-        path.write_text(json.dumps({"epoch": epochs, "step": 1, "steps": 4, "resumed_after": resumed_after,
-                                    "history": history, "clock": {"marks": {}, "spans": {}}}))
+        path.write_text(json.dumps({"resumed_after": resumed_after, "history": history, "clock": {"marks": {}, "spans": {}}}))
 
     with Progress("train", total=None) as bar:
-        watch = _ProgressWatch(path, 6, bar, on_epoch)
+        watch = ProgressWatch(tmp_path, 6, bar, on_epoch)
         watch()  # no file yet
         write(resumed_after=1, epochs=1)  # resumed after epoch 1: already logged by the earlier attempt
         watch()
@@ -175,3 +174,31 @@ def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert out.count("tracking server unreachable") == 1
     assert [line.split()[3] for line in out.splitlines() if " train epoch " in line] == ["2/6", "3/6", "4/6"]
+    assert out.count("resuming after epoch") == 2  # the resumed attempt, then the restarted group
+
+
+def test_the_step_loop_writes_progress_at_most_once_a_second_and_never_the_history(tmp_path, monkeypatch):
+    """Regression: rank 0 rewrote the whole history as JSON to shared storage twice a second from
+    inside the step loop. Now a step writes a few dozen bytes at most once per ``every_s``; the
+    history goes once per epoch."""
+    import json
+
+    from tasks.train_loop import Clock
+    from tasks.train_progress import EPOCHS_FILE, PROGRESS_FILE, ProgressWriter
+
+    now = [100.0]
+    monkeypatch.setattr("tasks.train_progress.time.monotonic", lambda: now[0])
+    history = [{"epoch": e, "train_loss": 0.1} for e in range(1, 51)]
+    writer = ProgressWriter(tmp_path, steps=1000, history=history, clock=Clock(), every_s=1.0)
+    writes = []
+    for step in range(1, 1001):  # 1000 steps over 5 seconds of the loop's clock
+        now[0] += 0.005
+        writer.step(51, step)
+        body = json.loads((tmp_path / PROGRESS_FILE).read_text())
+        if body["step"] == step:
+            writes.append(step)
+    assert 5 <= len(writes) <= 6  # once a second, not per step
+    assert set(json.loads((tmp_path / PROGRESS_FILE).read_text())) == {"epoch", "step", "steps"}
+    assert not (tmp_path / EPOCHS_FILE).exists()  # the history is not written by steps
+    writer.epoch_done(51)
+    assert json.loads((tmp_path / EPOCHS_FILE).read_text())["history"] == history

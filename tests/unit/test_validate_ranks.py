@@ -27,7 +27,7 @@ def _model_and_data(rank: int):
 
 
 def _validate_on_rank(rank, world):
-    from tasks.train import validate
+    from tasks.train_loop import validate
 
     model, x, y = _model_and_data(rank)
     return validate(model, x[rank::world], y[rank::world], "cpu", world, bn_mode="local", batch_size=16)
