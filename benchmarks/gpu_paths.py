@@ -91,7 +91,7 @@ def check_recalibration_shares_on_cuda() -> dict:
     on_gpu = copy.deepcopy(model)
     rows = apply_bn_stats(on_gpu, merged)
     ref = copy.deepcopy(model).cpu().double()
-    update_bn_stats(ref, [b.double() for b in batches], across_ranks=False)
+    update_bn_stats(ref, [b.double() for b in batches])
     worst = max(float((on_gpu.state_dict()[k].double().cpu() - v).abs().max() / (v.abs().max() + 1e-12))
                 for k, v in ref.state_dict().items() if k.endswith(("running_mean", "running_var")))
     return {"rows": rows, "share_devices": sorted({str(a.mean.device) for s in shares for a in s["layers"] if a is not None}),

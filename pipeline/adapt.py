@@ -129,7 +129,7 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
     plan = batch_plan([len(x)], n, batch_size, seed)  # the recalibrate stage's sample and batches
     rows_in_order, b = torch.from_numpy(x[plan["order"]]), plan["bounds"]
     model = copy.deepcopy(source)
-    update_bn_stats(model, (rows_in_order[b[i]:b[i + 1]] for i in range(len(b) - 1)), across_ranks=False)
+    update_bn_stats(model, (rows_in_order[b[i]:b[i + 1]] for i in range(len(b) - 1)))
     model.eval()
 
     client = mlflow.MlflowClient()

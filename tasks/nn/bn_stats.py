@@ -1,13 +1,13 @@
-"""Re-estimate BatchNorm running statistics for fixed weights, on one process or pooled over ranks.
+"""Re-estimate BatchNorm running statistics for fixed weights: collect, merge, apply.
 
 Estimators (``ESTIMATORS``):
   * ``exact`` (PreciseBN, Wu & Johnson 2021): each BN layer's running mean and variance become the
-    mean and unbiased variance of that layer's input over EVERY calibration row, on every rank. Each
-    rank accumulates (count, mean, M2) per channel over its batches with Chan's merge in float64
-    (``tasks.moments``); ranks are merged count-weighted with one all-reduce per layer. Uneven and
-    empty shards are fine: an empty rank contributes count 0.
+    mean and unbiased variance of that layer's input over EVERY calibration row. Each share of the
+    batches (``collect_bn_stats``, one per Ray task in the recalibrate stage) accumulates (count,
+    mean, M2) per channel with Chan's merge in float64 (``tasks.moments``); shares merge
+    count-weighted (``merge_bn_stats``) in any grouping. An empty share contributes count 0.
   * ``batch_mean`` (the course's formula; Ioffe & Szegedy 2015, Alg. 2): the mean over mini-batches
-    (of all ranks) of each batch's mean and of each batch's unbiased variance. Every batch weighs the
+    (of all shares) of each batch's mean and of each batch's unbiased variance. Every batch weighs the
     same, whatever its size, and the spread BETWEEN batch means is left out, so the variance is
     underestimated when batches differ (e.g. sorted by class). Kept for comparison.
   * ``ema``: no pass at all: the running averages training left. Callers skip this function.
@@ -17,16 +17,16 @@ The calibration forward (the contract the tests check):
     (the batch's mean and biased variance, computed once in float64 and also recorded); every
     module, these included, is in eval mode (dropout off, frozen BN layers normalize with their
     stored statistics, no buffer moves during the pass). A layer's recorded input therefore
-    depends on the batches the calibration rows are cut into, not only on the set of rows: the
-    pooled statistics over N ranks equal the single-process statistics over the same batches.
-  * Batches are forwarded independently on each rank (plain BatchNorm, no collective in the
-    forward), so ranks with different numbers of batches, or none, never wait on one another.
+    depends on the batches the calibration rows are cut into, not only on the set of rows: shares
+    collected apart and merged equal one pass over the same batches.
+  * The forward is plain BatchNorm with no collective: shares are collected independently, in any
+    process, and only their accumulators travel.
 
 Hygiene: only the running mean/var buffers of the chosen layers change. ``num_batches_tracked``,
 momentum, every module's training flag, weights and biases are as they were afterwards. BN layers
 frozen on purpose -- affine parameters that do not require gradients, e.g. after
 ``layer.requires_grad_(False)`` -- keep their statistics unless ``include_frozen``. Gradients are
-never computed. The result is bitwise identical on every rank (rank 0's buffers are broadcast).
+never computed.
 """
 
 from __future__ import annotations
@@ -57,33 +57,24 @@ def calibrated_layers(model: nn.Module, include_frozen: bool = False) -> list[_B
 
 @torch.no_grad()
 def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator: str = "exact",
-                    include_frozen: bool = False, across_ranks: bool = True) -> int:
-    """Replace the running mean/var of ``model``'s BN layers with statistics of ``batches``.
+                    include_frozen: bool = False) -> int:
+    """Replace the running mean/var of ``model``'s BN layers with statistics of ``batches``, in this
+    process (``collect_bn_stats`` then ``apply_bn_stats``).
 
     Args:
         model: a model with plain BatchNorm layers (``tasks.nn.revert_sync_batchnorm`` first).
         batches: input tensors as the model's forward takes them; each must hold >= 2 rows.
         estimator: ``exact`` or ``batch_mean`` (module docstring).
         include_frozen: re-estimate frozen BN layers too.
-        across_ranks: pool over every rank of the default process group when one is initialized
-            (a collective: every rank must call this, with its own batches, possibly none).
 
     Returns:
-        The number of calibration rows, summed over ranks.
+        The number of calibration rows.
 
     Raises:
-        ValueError: an unknown estimator, no BN layer to calibrate, or no row on any rank (the model
-            is left untouched; every rank raises together).
+        ValueError: an unknown estimator, no BN layer to calibrate, or no row (the model is left
+            untouched).
     """
-    import torch.distributed as dist
-
-    part = collect_bn_stats(model, batches, estimator, include_frozen)
-    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        part = _all_reduce(part, model, estimator, include_frozen)
-        rows = apply_bn_stats(model, part, include_frozen)
-        _broadcast_from_rank0(calibrated_layers(model, include_frozen))  # one source of truth: rank 0's bits
-        return rows
-    return apply_bn_stats(model, part, include_frozen)
+    return apply_bn_stats(model, collect_bn_stats(model, batches, estimator, include_frozen), include_frozen)
 
 
 @torch.no_grad()
@@ -158,37 +149,6 @@ def apply_bn_stats(model: nn.Module, stats: dict, include_frozen: bool = False) 
     return int(stats["rows"])
 
 
-def _all_reduce(part: dict, model: nn.Module, estimator: str, include_frozen: bool) -> dict:
-    """Every rank's share pooled (a collective; an empty rank joins with count 0)."""
-    layers = calibrated_layers(model, include_frozen)
-    device = layers[0].running_mean.device
-    total = torch.tensor([float(part["rows"])], dtype=torch.float64, device=device)
-    _sum(total)
-    pooled = []
-    for layer, acc in zip(layers, part["layers"]):
-        if estimator == "exact":
-            if acc is None:
-                z = torch.zeros(layer.num_features, dtype=torch.float64, device=device)
-                acc = moments.Moments(torch.zeros((), dtype=torch.float64, device=device), z, z.clone())
-            pooled.append(moments.all_reduce(acc))
-        else:
-            _sum(acc)
-            pooled.append(acc)
-    return {"estimator": estimator, "rows": int(total.item()), "layers": pooled}
-
-
-def _broadcast_from_rank0(layers: list[_BatchNorm]) -> None:
-    import torch.distributed as dist
-
-    flat = torch.cat([torch.cat([layer.running_mean.flatten(), layer.running_var.flatten()]) for layer in layers])
-    dist.broadcast(flat, src=0)
-    offset = 0
-    for layer in layers:
-        for buf in (layer.running_mean, layer.running_var):
-            buf.copy_(flat[offset: offset + buf.numel()].view_as(buf))
-            offset += buf.numel()
-
-
 def _calibrating_forward(layer: _BatchNorm, recorder):
     """``layer``'s forward during calibration: normalize with the batch's own statistics (as training
     mode does), computed once, in float64, and handed to ``recorder``. The layer stays in eval mode,
@@ -203,12 +163,6 @@ def _calibrating_forward(layer: _BatchNorm, recorder):
         return F.batch_norm(x, m.mean.to(x.dtype), var.to(x.dtype), layer.weight, layer.bias, False, 0.0, layer.eps)
 
     return forward
-
-
-def _sum(tensor: torch.Tensor) -> None:
-    from tasks import collectives
-
-    collectives.sum_across_ranks(tensor)
 
 
 def _channels_dims(x: torch.Tensor) -> list[int]:

@@ -228,7 +228,7 @@ def test_recalibration_on_two_workers_equals_one_process_over_the_same_batches(d
     x = torch.from_numpy(read_rows(files, plan["file_rows"], plan["order"]))
     model = model_from_checkpoint(CheckpointState.load(run / "train" / "checkpoint.pt")).double()
     b = plan["bounds"]
-    update_bn_stats(model, [x[b[i]:b[i + 1]].double() for i in range(len(b) - 1)], across_ranks=False)
+    update_bn_stats(model, [x[b[i]:b[i + 1]].double() for i in range(len(b) - 1)])
     expect = model.state_dict()
     trained = CheckpointState.load(run / "train" / "checkpoint.pt").model
     for key, got in recal.model.items():
