@@ -34,6 +34,9 @@ class ShiftConfig(_Strict):
         return sorted(set(v))
 
 
+BUILTIN_CLASSES = 10  # fashion_mnist and digits
+
+
 class DataConfig(_Strict):
     source: Literal["fashion_mnist", "digits", "parquet"] = Field(
         "fashion_mnist", description="Where rows come from: Fashion-MNIST IDX files, scikit-learn's digits, or a Parquet directory.")
@@ -47,7 +50,9 @@ class DataConfig(_Strict):
     label_column: str = Field("label", description="parquet source: the integer class-label column.")
     image_shape: Optional[tuple[int, int, int]] = Field(
         None, description="parquet source: (channels, height, width) if features are flattened images; enables per-channel statistics and the CNN.")
-    num_classes: int = Field(10, ge=2, description="Number of classes; labels must lie in [0, num_classes).")
+    num_classes: Optional[int] = Field(
+        None, ge=2, description="parquet source: number of classes; labels lie in [0, num_classes) and every class appears "
+                                "in train. Unset: max label + 1 of the train labels. fashion_mnist and digits have 10.")
     class_names: Optional[list[str]] = Field(
         None, description="A name per class, in label order, for plots and per-class metrics. Unset: Fashion-MNIST's "
                           "and digits' own names, the label numbers for a parquet source.")
@@ -60,9 +65,18 @@ class DataConfig(_Strict):
 
 
     @model_validator(mode="after")
+    def _builtin_class_count(self):
+        if self.source != "parquet" and self.num_classes not in (None, BUILTIN_CLASSES):
+            raise ValueError(f"data.num_classes={self.num_classes}: the {self.source} source has {BUILTIN_CLASSES} classes; "
+                             "remove data.num_classes")
+        return self
+
+    @model_validator(mode="after")
     def _one_name_per_class(self):
-        if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"data.class_names has {len(self.class_names)} names for data.num_classes={self.num_classes}; "
+        # A parquet source without data.num_classes learns its count from the labels: tasks/ingest.py checks the names then.
+        k = self.num_classes or (BUILTIN_CLASSES if self.source != "parquet" else None)
+        if self.class_names is not None and k is not None and len(self.class_names) != k:
+            raise ValueError(f"data.class_names has {len(self.class_names)} names for data.num_classes={k}; "
                              "give one name per class, in label order")
         return self
 

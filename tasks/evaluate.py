@@ -25,9 +25,10 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     """Score both checkpoints on EVERY test row, read the training curves, and draw what a person checks.
 
     Metrics per model (``before``: as trained, ``after``: recalibrated), named
-    ``test_<metric>_<model>_recal``: accuracy, top-k accuracy, loss (mean cross-entropy), macro-F1,
+    ``test_<metric>_<model>_recal``: accuracy, topk_accuracy, loss (mean cross-entropy), macro-F1,
     ECE; per class ``test_<precision|recall|f1|nll>_<model>_recal.<class name>``. Definitions:
-    tasks/metrics.py. The curve reading (tasks/curves.py) comes back as tags.
+    tasks/metrics.py. The curve reading (tasks/curves.py) and the k of the top-k accuracy
+    (``bnflow.topk``: ``cfg.top_k`` capped at the number of classes) come back as tags.
     """
     files = arrow_io.check_split(data.split("test").path, arrow.example_schema(data.num_features),
                                  where="evaluate input split 'test'")
@@ -60,7 +61,8 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     health, health_note = grad_health(history.epochs)
     if health_note:  # the curve line names the likely cause when the gradients were flagged
         reading = reading._replace(note=f"{reading.note}; {health_note}")
-    report = {"metrics": metrics, "curves": reading.kind, "diagnosis": reading.note, "class_names": names,
+    report = {"metrics": metrics, "topk": scores["after"].top_k, "curves": reading.kind, "diagnosis": reading.note,
+              "class_names": names,
               "confusion_before_recal": scores["before"].confusion.tolist(),
               "confusion_after_recal": scores["after"].confusion.tolist(),
               "reliability_before_recal": scores["before"].reliability(),
@@ -81,7 +83,7 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
         files.append(_plot_shift(table, f"recalibrated ({recal.get('estimator', '?')} on {recal.get('split', '?')})",
                                  out_dir / "shift_accuracy.png"))
     return Evaluation(metrics=metrics, files=files, tags={"bnflow.curves": reading.kind, "bnflow.curves_note": reading.note,
-                                                          "bnflow.grad_health": health})
+                                                          "bnflow.grad_health": health, "bnflow.topk": str(scores["after"].top_k)})
 
 
 def _metric_name(name: str) -> str:
@@ -125,7 +127,7 @@ def shift_report(cfg: EvaluateConfig, trained, recalibrated, data: Dataset, shif
             order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
             adapt_idx, score_idx = order[: len(y) // 2], order[len(y) // 2:]
             adapted = copy.deepcopy(trained)
-            update_bn_stats(adapted, x[adapt_idx].split(cfg.adapt_batch_size), across_ranks=False)
+            update_bn_stats(adapted, x[adapt_idx].split(cfg.adapt_batch_size))
             corruption, severity = shift.parse_split(name) or ("clean", 0)
             row = {"corruption": corruption, "severity": severity, "rows_adapted": len(adapt_idx), "rows_scored": len(score_idx)}
             for tag, model in zip(SHIFT_MODELS, (trained, recalibrated, adapted)):

@@ -5,16 +5,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
-from typing import Optional
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas import arrow
 from schemas.artifacts import Dataset
-from schemas.config import DataConfig
+from schemas.config import BUILTIN_CLASSES, DataConfig
 from schemas.errors import DataError
 from tasks import arrow_io
 
@@ -32,6 +33,8 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     """Read ``cfg.source`` and write train/val/test splits under ``out_dir``.
 
     The val split is a seeded random share of the training rows; the test split is kept apart.
+    The class count is the built-in sources' 10, else ``data.num_classes``, else the train labels'
+    largest + 1 (``_class_count``).
 
     Raises:
         DataError: a missing file or a source that breaks the data contract.
@@ -54,6 +57,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     if cfg.shift is not None and not image_shape:
         raise DataError("data.shift: corruptions need image data; set data.image_shape for a parquet source of images "
                         "or remove data.shift")
+    num_classes = _class_count(cfg, y_train, y_test)
 
     rng = np.random.default_rng(seed)
     if cfg.max_train_rows is not None and cfg.max_train_rows < len(y_train):
@@ -61,8 +65,6 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
         x_train, y_train = x_train[keep], y_train[keep]
     if cfg.max_test_rows is not None:
         x_test, y_test = x_test[: cfg.max_test_rows], y_test[: cfg.max_test_rows]
-    for split, y in (("train", y_train), ("test", y_test)):
-        _check_labels(y, cfg.num_classes, split)
 
     perm = rng.permutation(len(y_train))
     n_val = max(1, int(round(cfg.val_fraction * len(y_train))))
@@ -78,7 +80,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
     if cfg.shift is not None:
         parts.update(shifted_splits(cfg.shift, x_test, y_test, image_shape, pixel_max))
     splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
-    return Dataset(splits=splits, num_features=d, num_classes=cfg.num_classes, image_shape=image_shape,
+    return Dataset(splits=splits, num_features=d, num_classes=num_classes, image_shape=image_shape,
                    feature_names=feature_names, class_names=class_names)
 
 
@@ -130,26 +132,180 @@ def source_fingerprint(cfg: DataConfig) -> str:
 
 def check_source(cfg: DataConfig) -> None:
     """What can be checked of the source without reading its rows, before Ray starts: files exist,
-    Parquet files are readable and have the configured columns with usable types.
+    Parquet files are readable and have the configured columns with usable types; every file has the
+    same features; and, where the footers carry column statistics (min, max, null count), no null
+    labels or features and labels that fit the class rules of ``_class_count``. Footers do not count
+    NaN or inf: ingest and normalize check those in the rows.
 
     Raises:
         DataError: naming the file or field and the fix.
     """
-    files = source_files(cfg)
+    source_files(cfg)
     if cfg.source != "parquet":
         return
-    for f in files:
-        _check_columns(arrow_io.read_schema(f), cfg, str(f))
+    footers = []
+    for split in ("train", "test"):
+        for f in _parquet_files(Path(cfg.path), split):
+            schema = arrow_io.read_schema(f)
+            _check_columns(schema, cfg, str(f))
+            footers.append(_read_footer(f, split, schema, cfg))
+    _check_same_features(footers, cfg)
+    for foot in footers:
+        if foot.label_nulls:
+            raise DataError(f"data.label_column: {foot.label_nulls} null label(s) in the {foot.split} split ({foot.path}, "
+                            "counted by its footer); fill or drop them")
+        if foot.feature_nulls:
+            column, n = foot.feature_nulls
+            if foot.wide is None:
+                raise DataError(f"data.features_column: the footer of {foot.path} counts {n} null value(s) or empty "
+                                f"row(s) in '{column}'; fill or drop those rows")
+            raise DataError(f"data.features_columns: {n} null value(s) in column '{column}' of {foot.path}; fill or drop those rows")
+    _check_footer_labels(footers, cfg)
 
 
-def _check_labels(y: np.ndarray, num_classes: int, split: str) -> None:
-    if len(y) == 0:
-        raise DataError(f"data: the {split} split is empty; it needs at least one row")
-    bad = (y < 0) | (y >= num_classes)
-    if bad.any():
-        raise DataError(
-            f"data: {int(bad.sum())} {split} label(s) outside [0, {num_classes}) (e.g. {int(y[bad][0])}); "
-            "fix the labels or set data.num_classes")
+def _class_count(cfg: DataConfig, y_train: np.ndarray, y_test: np.ndarray) -> int:
+    """The number of classes the model is built for, with the labels checked against it.
+
+    fashion_mnist and digits: 10. A parquet source: ``data.num_classes`` when set, else the largest
+    train label + 1; either way every class 0..k-1 must appear in the train split, so a recipe's
+    count that the labels contradict is refused rather than training classes without rows.
+
+    Raises:
+        DataError: an empty split, a label outside [0, k), a class without train rows, or names
+            (``data.class_names``) that do not match the count.
+    """
+    for split, y in (("train", y_train), ("test", y_test)):
+        if len(y) == 0:
+            raise DataError(f"data: the {split} split is empty; it needs at least one row")
+    given = cfg.num_classes if cfg.source == "parquet" else BUILTIN_CLASSES
+    top = int(y_train.max())
+    k = given or max(top + 1, 1)
+    for split, y in (("train", y_train), ("test", y_test)):
+        bad = (y < 0) | (y >= k)
+        if bad.any():
+            raise DataError(_outside(cfg, k, f"{int(bad.sum())} {split} label(s)", f"the {split} split", int(y[bad][0])))
+    if cfg.source != "parquet":
+        return k
+    _check_class_count(cfg, top, "in the train split")
+    missing = np.flatnonzero(np.bincount(y_train, minlength=k) == 0)
+    if len(missing):
+        c = int(missing[0])
+        said = f"data.num_classes={k}" if cfg.num_classes else f"the largest train label is {k - 1}"
+        raise DataError(f"data.label_column: class {c} never appears in the train split ({said}); every class 0..{k - 1} "
+                        f"needs train rows -- renumber the labels or add rows of class {c}")
+    return k
+
+
+def _outside(cfg: DataConfig, k: Optional[int], what: str, where: str, example: int) -> str:
+    """The line for labels outside [0, k) (k None: not known yet, below 0), with the fix that fits where k came from."""
+    if example < 0:
+        fix = "class ids count from 0; fix the labels"
+    elif cfg.source == "parquet" and cfg.num_classes:
+        fix = "fix the labels, or remove data.num_classes to take the count from the train labels"
+    elif cfg.source == "parquet":
+        fix = f"the train labels stop at {k - 1} and every test class needs train rows; fix the labels"
+    else:
+        fix = "fix the labels"
+    return f"data.label_column: {what} {f'outside [0, {k})' if k else 'below 0'} in {where} (e.g. {example}); {fix}"
+
+
+def _check_class_count(cfg: DataConfig, top: int, where: str) -> None:
+    """A parquet source's count rules that the largest train label ``top`` alone decides."""
+    if cfg.num_classes and top + 1 < cfg.num_classes:
+        raise DataError(f"data.num_classes={cfg.num_classes} but the train labels use only {top + 1} classes (largest "
+                        f"label {top}, {where}); remove data.num_classes to take the count from the labels, or fix the labels")
+    k = cfg.num_classes or top + 1
+    if k < 2:
+        raise DataError(f"data.label_column: the train labels hold only class 0 ({where}); a classifier needs at least 2 classes")
+    if cfg.class_names is not None and len(cfg.class_names) != k:
+        raise DataError(f"data.class_names has {len(cfg.class_names)} names but the train labels hold {k} classes "
+                        f"(0..{k - 1}); give one name per class, in label order")
+
+
+class _Footer(NamedTuple):
+    """What one Parquet file's footer says of its rows; None where it does not say."""
+
+    path: Path
+    split: str
+    wide: Optional[list[str]]  # a wide table's feature columns; None: one list column
+    width: Optional[int]  # features per row: a fixed-size list's size, else leaf values / rows when no entry is null
+    label_range: Optional[tuple[int, int]]  # (min, max) over the row groups that hold rows
+    label_nulls: Optional[int]
+    feature_nulls: Optional[tuple[str, int]]  # (column, count) of the first feature column with nulls
+
+
+def _read_footer(path: Path, split: str, schema: pa.Schema, cfg: DataConfig) -> _Footer:
+    md = pq.read_metadata(path)  # read_schema has just read this footer: it parses
+    wide = feature_columns(schema, cfg, str(path))
+    label = _leaf_stats(md, cfg.label_column)
+    feats = [(c, _leaf_stats(md, c)) for c in (wide or [cfg.features_column])]
+    nulls = next(((c, st.nulls) for c, st in feats if st.nulls), None)
+    width = None
+    if wide is not None:
+        width = len(wide)
+    elif pa.types.is_fixed_size_list(schema.field(cfg.features_column).type):
+        width = schema.field(cfg.features_column).type.list_size
+    elif feats[0][1].nulls == 0 and md.num_rows and feats[0][1].values % md.num_rows == 0:
+        # With no null or empty entry, a list column's leaf holds exactly sum(row lengths) values;
+        # a ratio that is not whole means rows of different lengths, which ingest names from the rows.
+        width = feats[0][1].values // md.num_rows
+    return _Footer(path, split, wide, width, label.range, label.nulls, nulls)
+
+
+class _LeafStats(NamedTuple):
+    values: Optional[int]  # leaf values, a null or empty list counting one
+    nulls: Optional[int]
+    range: Optional[tuple]
+
+
+def _leaf_stats(md: pq.FileMetaData, name: str) -> _LeafStats:
+    """Row-group statistics of the top-level column ``name`` (its one leaf: a list column's values),
+    summed over the row groups that hold rows; a count or range is None when some row group lacks it."""
+    leaves = [i for i in range(md.num_columns) if md.schema.column(i).path == name
+              or md.schema.column(i).path.startswith(f"{name}.")]
+    if len(leaves) != 1:
+        return _LeafStats(None, None, None)
+    chunks = [md.row_group(g).column(leaves[0]) for g in range(md.num_row_groups) if md.row_group(g).num_rows]
+    stats = [c.statistics for c in chunks]
+    nulls = sum(s.null_count for s in stats) if all(s is not None and s.has_null_count for s in stats) else None
+    known = chunks and all(s is not None and s.has_min_max for s in stats)
+    return _LeafStats(sum(c.num_values for c in chunks), nulls,
+                      (min(s.min for s in stats), max(s.max for s in stats)) if known else None)
+
+
+def _check_same_features(footers: list[_Footer], cfg: DataConfig) -> None:
+    """Every file holds the first train file's features: the same columns, the same count per row."""
+    first = footers[0]
+    for foot in footers[1:]:
+        have = set(foot.wide or [cfg.features_column])
+        want = set(first.wide or [cfg.features_column])
+        if want - have:
+            raise DataError(f"data.path: {foot.path} lacks feature column '{sorted(want - have)[0]}' that {first.path} has; "
+                            "give every file of both splits the same feature columns")
+        if have - want:
+            raise DataError(f"data.path: {foot.path} has feature column '{sorted(have - want)[0]}' that {first.path} lacks; "
+                            "give every file of both splits the same feature columns, or list them in data.features_columns")
+        if None not in (foot.width, first.width) and foot.width != first.width:
+            raise DataError(f"data.path: {foot.path} has {foot.width} features per row, {first.path} has {first.width}; "
+                            f"give every file of both splits the same {first.width} features")
+
+
+def _check_footer_labels(footers: list[_Footer], cfg: DataConfig) -> None:
+    """``_class_count``'s rules, decided from the label column's row-group min and max where every
+    train file records them (the label values themselves are read by ingest)."""
+    train = [f for f in footers if f.split == "train" and f.label_range is not None]
+    known = len(train) == sum(f.split == "train" for f in footers)
+    top = max(f.label_range[1] for f in train) if known and train else None
+    k = cfg.num_classes or (top + 1 if top is not None else None)
+    for foot in footers:
+        if foot.label_range is None:
+            continue
+        for label in foot.label_range:
+            if label < 0 or (k is not None and label >= k):
+                raise DataError(_outside(cfg, k, f"{foot.split} label(s)", f"{foot.path} by its footer", label))
+    if top is not None:
+        where = f"by the footer of {train[0].path}" if len(train) == 1 else f"by the footers of {train[0].path.parent}"
+        _check_class_count(cfg, top, where)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -266,7 +422,11 @@ def _parquet(cfg: DataConfig):
     differ = arrow.diff(schemas["test"].remove_metadata(), schemas["train"].remove_metadata())
     if differ:
         raise DataError(f"data.path: the test split's schema differs from train: {'; '.join(differ)}")
-    return (*[_parquet_split(tables[s], cfg, s) for s in ("train", "test")], wide)
+    (x_train, y_train), (x_test, y_test) = [_parquet_split(tables[s], cfg, s) for s in ("train", "test")]
+    if x_test.shape[1] != x_train.shape[1]:  # list columns without a fixed size: the footers may not tell
+        raise DataError(f"data.path: the test split's rows have {x_test.shape[1]} features, the train split's "
+                        f"{x_train.shape[1]}; give both splits the same features")
+    return (x_train, y_train), (x_test, y_test), wide
 
 
 def _as_list_column(table: pa.Table, cfg: DataConfig, wide: Optional[list[str]], where: str) -> pa.Table:

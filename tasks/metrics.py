@@ -7,7 +7,9 @@ result does not depend on the batch size. Every sum is float64.
 Definitions (the reference for the tests, which recompute each one with scikit-learn):
 
 - accuracy: share of rows whose arg-max class is the label; top-k accuracy: share whose label is
-  among the k largest logits (ties broken by class index, as ``torch.topk`` does).
+  among the k largest logits (ties broken by class index, as ``torch.topk`` does). Its key is
+  ``topk_accuracy`` whatever k is (``Scores.top_k``: the asked k capped at the number of classes),
+  so runs on data with different class counts report the same metric; k is recorded beside it.
 - precision, recall, F1 per class from the confusion matrix; a class never predicted (or never
   present) has precision (recall) 0, as scikit-learn's ``zero_division=0``; macro-F1 is the
   unweighted mean of the per-class F1.
@@ -82,8 +84,8 @@ class Scores:
                     "accuracy": (self.bin_correct / self.bin_rows).tolist()}
 
     def summary(self) -> dict[str, float]:
-        """The headline numbers: accuracy, top-k accuracy, mean cross-entropy, macro-F1, ECE."""
+        """The headline numbers: accuracy, top-k accuracy (k: ``self.top_k``), mean cross-entropy, macro-F1, ECE."""
         n = max(self.rows, 1)
-        return {"accuracy": float(np.trace(self.confusion) / n), f"top{self.top_k}_accuracy": self.top_k_hits / n,
+        return {"accuracy": float(np.trace(self.confusion) / n), "topk_accuracy": self.top_k_hits / n,
                 "loss": float(self.nll_sum.sum() / n), "macro_f1": float(self.per_class()["f1"].mean()),
                 "ece": self.ece()}

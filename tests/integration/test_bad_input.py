@@ -38,6 +38,12 @@ def _user_data(root: Path, kind: str) -> Path:
         part.write_text("features,label\n0.5,1\n")
     elif kind == "strings":
         pq.write_table(pa.table({"features": pa.array([["0.5", "1", "2", "3"]] * 40), "label": pa.array(np.arange(40) % 3)}), part)
+    elif kind == "wider_test":
+        pq.write_table(pa.table({"features": pa.array(rng.normal(size=(40, 5)).tolist()), "label": pa.array(np.arange(40) % 3)}),
+                       root / "test" / "p.parquet")
+    elif kind == "null_label":
+        pq.write_table(pa.table({"features": pa.array(rng.normal(size=(40, 4)).tolist()),
+                                 "label": pa.array([None] + list(np.arange(1, 40) % 3), pa.int64())}), part)
     return root
 
 
@@ -87,12 +93,19 @@ def _no_running_runs(tmp_path):
      "p.parquet: not a readable Parquet file"),
     ("feature strings", ["data.source=parquet", "data.path={data}", "data.num_classes=3"], None,
      "holds string values, expected numbers; convert the features to float32"),
+    # Issue 21: found from the Parquet footers (schemas, row-group statistics) before Ray starts.
+    ("test split with more features", ["data.source=parquet", "data.path={data}"], None,
+     "test/p.parquet has 5 features per row"),
+    ("null label", ["data.source=parquet", "data.path={data}"], None, "data.label_column: 1 null label(s) in the train split"),
+    ("num_classes the labels do not reach", ["data.source=parquet", "data.path={data}", "data.num_classes=10"], None,
+     "data.num_classes=10 but the train labels use only 3 classes"),
     ("unknown optimizer knob", ["train.optimizer.beta1=0.5"], None, "not a setting of the sgd optimizer"),
 ])
 def test_fails_before_any_compute_with_one_line(tmp_path, case, sets, env, words):
     port = free_port()
     kind = {"truncated parquet": "truncated", "non-parquet file named .parquet": "not_parquet",
-            "feature strings": "strings"}.get(case)
+            "feature strings": "strings", "test split with more features": "wider_test", "null label": "null_label",
+            "num_classes the labels do not reach": "good"}.get(case)
     data = _user_data(tmp_path / "user", kind) if kind else None
     fill = {"port": port, "data": data}
     sets = [s.format(**fill) for s in sets]

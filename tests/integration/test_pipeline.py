@@ -130,7 +130,7 @@ def test_evaluate_metrics_match_scikit_learn_on_the_checkpoints(digits_run):
             probs = torch.softmax(model(x).double(), 1).numpy()
         pred = probs.argmax(1)
         assert m[f"test_accuracy_{tag}_recal"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-9)
-        assert m[f"test_top5_accuracy_{tag}_recal"] == pytest.approx(skm.top_k_accuracy_score(y, probs, k=5), abs=1e-9)
+        assert m[f"test_topk_accuracy_{tag}_recal"] == pytest.approx(skm.top_k_accuracy_score(y, probs, k=5), abs=1e-9)
         assert m[f"test_loss_{tag}_recal"] == pytest.approx(skm.log_loss(y, probs), rel=1e-5)
         assert m[f"test_macro_f1_{tag}_recal"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-9)
         assert m[f"test_ece_{tag}_recal"] == pytest.approx(_ece_reference(probs, y), abs=1e-6)

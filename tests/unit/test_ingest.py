@@ -40,17 +40,20 @@ def test_fashion_mnist_idx_files_and_deterministic_split(tmp_path):
 
 def test_digits_split_sizes(tmp_path):
     ds = ingest(DataConfig(source="digits"), tmp_path, seed=0)
+    assert ds.num_classes == 10  # a built-in source keeps its count with data.num_classes unset
     xt, _ = _read(ds.splits["train"])
     xv, _ = _read(ds.splits["val"])
     assert len(xt) + len(xv) == 1797 - 359
     assert ds.splits["train"].rows + ds.splits["val"].rows + ds.splits["test"].rows == 1797
 
 
-def _write_user(tmp_path, train: pa.Table, test: pa.Table | None = None):
+def _write_user(tmp_path, train: pa.Table, test: pa.Table | None = None, statistics: bool = True):
+    """train/ and test/ under ``tmp_path``; ``statistics=False`` writes footers without column
+    statistics, as some writers do, so only the rows can tell what is wrong."""
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
-    pq.write_table(train, tmp_path / "train" / "p.parquet")
-    pq.write_table(test if test is not None else train, tmp_path / "test" / "p.parquet")
+    pq.write_table(train, tmp_path / "train" / "p.parquet", write_statistics=statistics)
+    pq.write_table(test if test is not None else train, tmp_path / "test" / "p.parquet", write_statistics=statistics)
     return str(tmp_path)
 
 
@@ -77,15 +80,17 @@ def test_user_parquet_with_configured_columns(tmp_path):
     ("null_label", r"data.label_column: 1 null label\(s\) in the train split"),
     ("null_row", r"data.features_column: 1 null feature row\(s\) in the train split"),
     ("null_value", r"data.features_column: 1 null value\(s\) inside feature rows of the train split"),
-    ("single_row", r"only 1 training rows; need at least 2"),
+    ("three_rows", r"only 3 training rows; need at least 2 after the val split"),
     ("truncated", r"\S+/train/p.parquet: not a readable Parquet file .*replace or remove it"),
     ("not_parquet", r"\S+/train/p.parquet: not a readable Parquet file"),
-    ("out_of_range", r"label\(s\) outside \[0, 3\)"),
+    ("out_of_range", r"data.label_column: 20 train label\(s\) outside \[0, 3\) in the train split \(e.g. 7\); fix the labels, "
+                     r"or remove data.num_classes"),
     ("ragged", r"rows of different lengths in the train split \(3..4\)"),
     ("schema_differs", r"test split's schema differs from train: field 'y': type int32, expected int64"),
     ("empty", r"the train split is empty"),
 ])
 def test_user_parquet_contract_errors(tmp_path, kind, match):
+    """The rows' own checks: the files carry no column statistics, so the footers cannot tell."""
     good = _table()
     test = None
     if kind == "missing":
@@ -104,8 +109,8 @@ def test_user_parquet_contract_errors(tmp_path, kind, match):
         train = _table(feats=pa.array([None] + [[1.0, 2, 3, 4]] * 19, pa.list_(pa.float64())))
     elif kind == "null_value":
         train = _table(feats=pa.array([[1.0, None, 3, 4]] + [[1.0, 2, 3, 4]] * 19, pa.list_(pa.float64())))
-    elif kind == "single_row":
-        train = good.slice(0, 1)
+    elif kind == "three_rows":
+        train = _table(n=3, labels=pa.array([0, 1, 2]))
     elif kind in ("truncated", "not_parquet"):
         train = good
     elif kind == "schema_differs":
@@ -113,13 +118,14 @@ def test_user_parquet_contract_errors(tmp_path, kind, match):
     else:
         train = good.slice(0, 0)
     (tmp_path / "in").mkdir()
-    path = _write_user(tmp_path / "in", train, test)
+    path = _write_user(tmp_path / "in", train, test, statistics=False)
     part = tmp_path / "in" / "train" / "p.parquet"
     if kind == "truncated":
         part.write_bytes(part.read_bytes()[:100])
     elif kind == "not_parquet":
         part.write_text("x,y\n0.5,1\n")
-    cfg = DataConfig(source="parquet", path=path, features_column="x", label_column="y", num_classes=3)
+    cfg = DataConfig(source="parquet", path=path, features_column="x", label_column="y", num_classes=3,
+                     val_fraction=0.5 if kind == "three_rows" else 0.1)
     with pytest.raises(DataError, match=match):
         ingest(cfg, tmp_path / "out", seed=0)
     if kind in ("missing", "float_label", "string_features", "truncated", "not_parquet"):
@@ -175,15 +181,145 @@ def test_wrong_feature_columns_are_named_before_ray_starts(tmp_path, columns, ma
         check_source(DataConfig(source="parquet", path=path, num_classes=3, features_columns=columns))
 
 
-def test_a_null_in_a_wide_table_is_named(tmp_path):
+@pytest.mark.parametrize("statistics, match", [
+    (True, r"data.features_columns: 1 null value\(s\) in column 'alcohol' of \S+/train/p.parquet; fill or drop"),
+    (False, r"data.features_columns: 1 null value\(s\) in \S+/train/p.parquet; fill or drop"),
+])
+def test_a_null_in_a_wide_table_is_named(tmp_path, statistics, match):
     (tmp_path / "in").mkdir()
     table = _wide()
     table = table.set_column(0, "alcohol", pa.array([None] + table.column("alcohol").to_pylist()[1:], pa.float64()))
-    path = _write_user(tmp_path / "in", table)
-    with pytest.raises(DataError, match=r"data.features_columns: 1 null value\(s\) in \S+/train/p.parquet; fill or drop"):
+    path = _write_user(tmp_path / "in", table, statistics=statistics)
+    with pytest.raises(DataError, match=match):
         ingest(DataConfig(source="parquet", path=path, num_classes=3), tmp_path / "out", seed=0)
 
 
 def test_missing_fashion_mnist_dir_names_the_fix(tmp_path):
     with pytest.raises(DataError, match="install Debian's dataset-fashion-mnist or point data.path"):
         ingest(DataConfig(source="fashion_mnist", path=str(tmp_path)), tmp_path / "o", seed=0)
+
+
+def _features(layout: str, d: int, n: int = 30) -> pa.Table:
+    """``n`` rows of ``d`` features and labels 0, 1, 2 as a list column, a fixed-size list column or a wide table."""
+    x = np.random.default_rng(d).normal(size=(n, d)).astype(np.float32)
+    y = pa.array(np.arange(n) % 3)
+    if layout == "list":
+        return pa.table({"features": pa.array(x.tolist(), pa.list_(pa.float32())), "label": y})
+    if layout == "fixed":
+        return pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d), "label": y})
+    return pa.table({**{f"f{i}": x[:, i] for i in range(d)}, "label": y})
+
+
+@pytest.mark.parametrize("layout, match", [
+    ("list", r"data.path: \S+/test/p.parquet has 5 features per row, \S+/train/p.parquet has 4; give every file of both "
+             r"splits the same 4 features"),
+    ("fixed", r"data.path: \S+/test/p.parquet has 5 features per row, \S+/train/p.parquet has 4"),
+    ("wide", r"data.path: \S+/test/p.parquet has feature column 'f4' that \S+/train/p.parquet lacks; give every file of "
+             r"both splits the same feature columns, or list them in data.features_columns"),
+])
+def test_a_test_split_with_other_features_is_found_before_ray_starts(tmp_path, layout, match):
+    """Issue 21: a test split with 5 features under a train split of 4 ended in an ArrowTypeError
+    traceback from inside the ingest stage (a wide table's extra column passed unnoticed)."""
+    path = _write_user(tmp_path, _features(layout, 4), _features(layout, 5))
+    with pytest.raises(DataError, match=match):
+        check_source(DataConfig(source="parquet", path=path))
+
+
+def test_a_test_split_with_other_features_is_named_from_the_rows_without_footer_statistics(tmp_path):
+    """Issue 21: without statistics the footers cannot count a list column's features; the rows
+    must still give one line, not the ArrowTypeError of writing the test split."""
+    (tmp_path / "in").mkdir()
+    path = _write_user(tmp_path / "in", _features("list", 4), _features("list", 5), statistics=False)
+    check_source(DataConfig(source="parquet", path=path))
+    with pytest.raises(DataError, match=r"data.path: the test split's rows have 5 features, the train split's 4; "
+                                        r"give both splits the same features"):
+        ingest(DataConfig(source="parquet", path=path), tmp_path / "out", seed=0)
+
+
+def _labelled(labels, features=None) -> pa.Table:
+    n = len(labels)
+    feats = features if features is not None else pa.array(np.ones((n, 4)).tolist(), pa.list_(pa.float64()))
+    return pa.table({"features": feats, "label": pa.array(labels, pa.int64())})
+
+
+@pytest.mark.parametrize("case, settings, match", [
+    ("null label", {}, r"data.label_column: 1 null label\(s\) in the train split \(\S+/train/p.parquet, counted by its "
+                       r"footer\); fill or drop them"),
+    ("null feature row", {}, r"data.features_column: the footer of \S+/train/p.parquet counts 1 null value\(s\) or "
+                             r"empty row\(s\) in 'features'; fill or drop those rows"),
+    ("null feature value", {}, r"the footer of \S+/train/p.parquet counts 1 null value\(s\) or empty row\(s\)"),
+    ("label above num_classes", {"num_classes": 3}, r"data.label_column: train label\(s\) outside \[0, 3\) in "
+                                                     r"\S+/train/p.parquet by its footer \(e.g. 7\); fix the labels, or "
+                                                     r"remove data.num_classes"),
+    ("negative label", {}, r"data.label_column: train label\(s\) outside \[0, 3\) in \S+/train/p.parquet by its "
+                           r"footer \(e.g. -1\); class ids count from 0; fix the labels"),
+    ("test class not in train", {}, r"data.label_column: test label\(s\) outside \[0, 3\) in \S+/test/p.parquet by its "
+                                    r"footer \(e.g. 5\); the train labels stop at 2 and every test class needs train rows"),
+])
+def test_footer_statistics_find_bad_labels_and_nulls_before_ray_starts(tmp_path, case, settings, match):
+    """Issue 21: null labels, null features and labels out of range surfaced only inside the ingest
+    stage, after Ray had started; the footers' min, max and null counts tell them first."""
+    labels, test_labels, feats = list(np.arange(30) % 3), None, None
+    if case == "null label":
+        labels[0] = None
+    elif case == "null feature row":
+        feats = pa.array([None] + [[1.0, 2, 3, 4]] * 29, pa.list_(pa.float64()))
+    elif case == "null feature value":
+        feats = pa.array([[1.0, None, 3, 4]] + [[1.0, 2, 3, 4]] * 29, pa.list_(pa.float64()))
+    elif case == "label above num_classes":
+        labels[3] = 7
+    elif case == "negative label":
+        labels[3] = -1
+    else:
+        test_labels = labels[:-1] + [5]
+    train = _labelled(labels, feats)
+    path = _write_user(tmp_path, train, _labelled(test_labels) if test_labels else train)
+    with pytest.raises(DataError, match=match):
+        check_source(DataConfig(source="parquet", path=path, **settings))
+
+
+def test_the_class_count_comes_from_the_labels_when_the_recipe_does_not_say(tmp_path):
+    """Issue 21: 3-class data under the default data.num_classes=10 trained a 10-way head without a word."""
+    (tmp_path / "in").mkdir()
+    path = _write_user(tmp_path / "in", _labelled(np.arange(30) % 3), statistics=False)
+    ds = ingest(DataConfig(source="parquet", path=path), tmp_path / "out", seed=0)
+    assert ds.num_classes == 3
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_a_num_classes_the_train_labels_do_not_reach_is_refused(tmp_path, statistics):
+    """Issue 21: data.num_classes=10 over labels 0..2 gave seven classes with support 0 and ten served probabilities."""
+    (tmp_path / "in").mkdir()
+    path = _write_user(tmp_path / "in", _labelled(np.arange(30) % 3), statistics=statistics)
+    cfg = DataConfig(source="parquet", path=path, num_classes=10)
+    match = (r"data.num_classes=10 but the train labels use only 3 classes \(largest label 2, .*\); remove "
+             r"data.num_classes to take the count from the labels, or fix the labels")
+    with pytest.raises(DataError, match=match):
+        ingest(cfg, tmp_path / "out", seed=0)
+    if statistics:
+        with pytest.raises(DataError, match=match):  # before Ray starts
+            check_source(cfg)
+    else:
+        check_source(cfg)  # no statistics: only the rows can tell
+
+
+@pytest.mark.parametrize("num_classes, said", [(None, "the largest train label is 2"), (3, "data.num_classes=3")])
+def test_a_class_without_train_rows_is_named(tmp_path, num_classes, said):
+    """Issue 21: a class between 0 and the largest label with no train rows is a head output that never learns."""
+    (tmp_path / "in").mkdir()
+    path = _write_user(tmp_path / "in", _labelled(np.arange(30) % 3 * (np.arange(30) % 3 != 1)), _labelled([0, 2, 2]))
+    with pytest.raises(DataError, match=rf"data.label_column: class 1 never appears in the train split \({said}\); every "
+                                        r"class 0..2 needs train rows -- renumber the labels or add rows of class 1"):
+        ingest(DataConfig(source="parquet", path=path, num_classes=num_classes), tmp_path / "out", seed=0)
+
+
+def test_class_names_must_match_the_count_taken_from_the_labels(tmp_path):
+    path = _write_user(tmp_path, _labelled(np.arange(30) % 3))
+    with pytest.raises(DataError, match=r"data.class_names has 2 names but the train labels hold 3 classes \(0..2\); "
+                                        r"give one name per class"):
+        check_source(DataConfig(source="parquet", path=path, class_names=["a", "b"]))
+
+
+def test_a_built_in_source_keeps_its_class_count():
+    with pytest.raises(ValueError, match=r"data.num_classes=5: the digits source has 10 classes; remove data.num_classes"):
+        DataConfig(source="digits", num_classes=5)

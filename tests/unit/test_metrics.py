@@ -42,7 +42,8 @@ def test_scores_match_scikit_learn_for_any_batch_size(batch):
     summary, pc = s.summary(), s.per_class()
 
     assert summary["accuracy"] == pytest.approx(skm.accuracy_score(yn, pred), abs=1e-12)
-    assert summary["top3_accuracy"] == pytest.approx(skm.top_k_accuracy_score(yn, probs, k=3, labels=range(k)), abs=1e-12)
+    assert s.top_k == 3
+    assert summary["topk_accuracy"] == pytest.approx(skm.top_k_accuracy_score(yn, probs, k=3, labels=range(k)), abs=1e-12)
     assert summary["loss"] == pytest.approx(skm.log_loss(yn, probs, labels=range(k)), rel=1e-9)
     p, r, f1, support = skm.precision_recall_fscore_support(yn, pred, labels=range(k), zero_division=0)
     np.testing.assert_allclose(pc["precision"], p, atol=1e-12)
@@ -77,4 +78,16 @@ def test_top_k_is_capped_at_the_number_of_classes():
     logits, y = _case(rows=50, k=3)
     s = Scores(3, top_k=5)
     s.update(logits, y)
-    assert s.summary()["top3_accuracy"] == 1.0
+    assert s.top_k == 3 and s.summary()["topk_accuracy"] == 1.0
+
+
+def test_the_top_k_metric_has_one_name_whatever_the_class_count():
+    """Issue 21: top-5 accuracy was logged as top3_accuracy on 3-class data, so runs on different
+    data did not line up; the key is topk_accuracy and k is ``Scores.top_k`` (evaluate's bnflow.topk tag)."""
+    keys = []
+    for k in (3, 10):
+        logits, y = _case(rows=50, k=k)
+        s = Scores(k, top_k=5)
+        s.update(logits, y)
+        keys.append(set(s.summary()))
+    assert keys[0] == keys[1] and "topk_accuracy" in keys[0]
