@@ -35,6 +35,7 @@ def main() -> None:
     from schemas import arrow
     from tasks import arrow_io
     from tasks.ingest import FASHION_MNIST_DIR, _fashion_mnist
+    from tasks.reader import list_parquet
     from tasks.train_loop import read_shard
 
     (x, y), _ = _fashion_mnist(Path(FASHION_MNIST_DIR))
@@ -52,7 +53,7 @@ def main() -> None:
                 for i, start in enumerate(range(0, table.num_rows, arrow_io.ROWS_PER_FILE)):
                     write(table.slice(start, arrow_io.ROWS_PER_FILE), out / f"part-{i:05d}.parquet")
                 write_s = time.perf_counter() - t0
-                files = arrow_io.split_files(out)
+                files = list_parquet(str(out))
                 t0 = time.perf_counter()
                 xs, ys = read_shard(files, 0, 2)
                 read_s = time.perf_counter() - t0

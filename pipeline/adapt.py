@@ -63,36 +63,36 @@ def read_features(data_dir: str, feature_names: Optional[list[str]], num_feature
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from tasks import arrow_io
+    from tasks.reader import Split, list_parquet
 
-    root = Path(data_dir)
-    if not root.is_dir():
+    if not Path(data_dir).is_dir():
         raise DataError(f"--data {data_dir}: not a directory; give the directory holding the new rows as Parquet files")
-    files = sorted(str(f) for f in root.rglob("*.parquet"))
+    files = list_parquet(data_dir)
     if not files:
         raise DataError(f"--data {data_dir}: no .parquet file in it; write the new rows there as Parquet")
     parts = []
     for f in files:
-        names = arrow_io.read_schema(f).names
+        split = Split([f])
+        names = split.schema.names
         if feature_names:
             missing = [c for c in feature_names if c not in names]
             if missing:
                 raise DataError(f"{f}: lacks feature column '{missing[0]}' the model was trained with; "
                                 f"the model takes columns {feature_names[:5]}{'...' if len(feature_names) > 5 else ''}")
-            table = arrow_io.read_table(f, columns=feature_names)
-            x = np.column_stack([pc.cast(table.column(c), pa.float32()).to_numpy(zero_copy_only=False) for c in feature_names])
+            parts += split.batches(columns=feature_names, transform=lambda t: np.column_stack(
+                [pc.cast(t.column(c), pa.float32()).to_numpy(zero_copy_only=False) for c in feature_names]))
         else:
             if column not in names:
                 raise DataError(f"{f}: no '{column}' column; the model takes one list column '{column}' of {num_features} "
                                 f"features per row (columns here: {names[:6]})")
-            table = arrow_io.read_table(f, columns=[column])
-            col = table.column(column).combine_chunks()
-            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-            if len(lengths) and (lengths.min() != num_features or lengths.max() != num_features):
-                bad = int(lengths[lengths != num_features][0])
-                raise DataError(f"{f}: rows of {bad} features in '{column}'; the model takes {num_features}")
-            x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, num_features)
-        parts.append(x.astype(np.float32, copy=False))
+            for table in split.batches(columns=[column]):
+                col = table.column(column).combine_chunks()
+                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+                if len(lengths) and (lengths.min() != num_features or lengths.max() != num_features):
+                    bad = int(lengths[lengths != num_features][0])
+                    raise DataError(f"{f}: rows of {bad} features in '{column}'; the model takes {num_features}")
+                parts.append(col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, num_features))
+    parts = [p.astype(np.float32, copy=False) for p in parts]
     x = np.concatenate(parts)
     if len(x) < 2:
         raise DataError(f"--data {data_dir}: {len(x)} row(s); BN statistics need at least 2 rows")

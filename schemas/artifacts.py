@@ -30,6 +30,9 @@ class SplitInfo(_Artifact):
     path: str = Field(description="Directory of Parquet files for this split.")
     rows: int = Field(description="Row count.")
     digest: str = Field(description="sha256 over the full content of every Parquet file, in name order.")
+    files: list[str] = Field(default_factory=list, description=(
+        "The split's Parquet files (names under path), in order: what readers read. Empty in a manifest "
+        "written before 2026-12-01, whose readers list path instead."))
 
 
 class Dataset(_Artifact):

@@ -1,4 +1,5 @@
-"""Arrow/Parquet helpers shared by the stages: writing splits, digests, zero-copy NumPy views."""
+"""Arrow/Parquet helpers shared by the stages: the split writer, digests, zero-copy NumPy views.
+Reading is ``tasks.reader``'s."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from schemas.artifacts import SplitInfo
 from schemas.errors import DataError
 
 ROWS_PER_FILE = 16384  # several files per split, so stage tasks read and write them in parallel
+# The unit a reader reads and a shuffle buffer draws from: several per file, small enough that a
+# batch of them stays far below a worker's memory (2048 rows of 784 float32 features: 6.4 MB).
+ROWS_PER_GROUP = 2048
 
 
 def write_file(table: pa.Table, path: str | Path) -> None:
@@ -21,7 +25,18 @@ def write_file(table: pa.Table, path: str | Path) -> None:
     dictionary encoding (pyarrow's default tries a dictionary per column, and feature columns
     rarely gain from one). On a standardized Fashion-MNIST split (``python -m benchmarks.parquet_io``)
     writing took 0.24x the time and a worker's shard read 0.45x, for files 1.74x the size."""
-    pq.write_table(table, path, use_dictionary=False)
+    pq.write_table(table, path, use_dictionary=False, row_group_size=ROWS_PER_GROUP)
+
+
+def write_tables(tables, path: str | Path, schema: pa.Schema) -> int:
+    """One Parquet file from a stream of tables (each becomes its row groups), written as
+    ``write_file`` writes; returns the rows written. Nothing holds more than one table at a time."""
+    rows = 0
+    with pq.ParquetWriter(path, schema, use_dictionary=False) as writer:
+        for table in tables:
+            writer.write_table(table, row_group_size=ROWS_PER_GROUP)
+            rows += table.num_rows
+    return rows
 
 
 def to_table(x: np.ndarray, y: np.ndarray, schema: pa.Schema) -> pa.Table:
@@ -76,17 +91,22 @@ def digest_dir(path: Path) -> str:
 def write_split(table: pa.Table, path: Path) -> SplitInfo:
     """Write a split as numbered Parquet files under ``path`` and describe it."""
     path.mkdir(parents=True, exist_ok=True)
+    names = []
     for i, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
-        write_file(table.slice(start, ROWS_PER_FILE), path / f"part-{i:05d}.parquet")
-    return SplitInfo(path=str(path), rows=table.num_rows, digest=digest_dir(path))
+        names.append(f"part-{i:05d}.parquet")
+        write_file(table.slice(start, ROWS_PER_FILE), path / names[-1])
+    return SplitInfo(path=str(path), rows=table.num_rows, digest=digest_dir(path), files=names)
 
 
-def split_files(path: str | Path) -> list[str]:
-    """A split's Parquet files in name order."""
-    return sorted(str(f) for f in Path(path).glob("*.parquet"))
+def split_files(info: SplitInfo) -> list[str]:
+    """A split's Parquet files, in order: those its manifest lists (older manifests: those in its
+    directory, in name order)."""
+    if info.files:
+        return [str(Path(info.path) / name) for name in info.files]
+    return sorted(str(f) for f in Path(info.path).glob("*.parquet"))
 
 
-def check_split(path: str | Path, expected: pa.Schema, where: str) -> list[str]:
+def check_split(info: SplitInfo, expected: pa.Schema, where: str) -> list[str]:
     """Check every Parquet file of a split against the contract, reading only the file footers;
     returns the files.
 
@@ -94,9 +114,9 @@ def check_split(path: str | Path, expected: pa.Schema, where: str) -> list[str]:
         DataError: no Parquet file, or a file that is not readable Parquet (truncated, another format).
         SchemaMismatch: a file whose schema breaks the contract (field-by-field diff).
     """
-    files = split_files(path)
+    files = split_files(info)
     if not files:
-        raise DataError(f"{where}: no Parquet files under {path}; rerun the stage that writes it")
+        raise DataError(f"{where}: no Parquet files under {info.path}; rerun the stage that writes it")
     for f in files:
         arrow.check(read_schema(f), expected, where=f"{where} ({Path(f).name})")
     return files
@@ -110,13 +130,5 @@ def read_schema(path: str | Path) -> pa.Schema:
     """
     try:
         return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); replace or remove it") from None
-
-
-def read_table(path: str | Path, **kwargs) -> pa.Table:
-    """``pq.read_table`` with unreadable files turned into a DataError naming the file."""
-    try:
-        return pq.read_table(path, **kwargs)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); replace or remove it") from None

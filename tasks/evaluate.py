@@ -18,6 +18,7 @@ from tasks.convergence import grad_health
 from tasks.curves import read_curves
 from tasks.metrics import Scores
 from tasks.nn.models import model_from_checkpoint
+from tasks.reader import Split
 
 
 def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint, data: Dataset,
@@ -30,7 +31,7 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     tasks/metrics.py. The curve reading (tasks/curves.py) and the k of the top-k accuracy
     (``bnflow.topk``: ``cfg.top_k`` capped at the number of classes) come back as tags.
     """
-    files = arrow_io.check_split(data.split("test").path, arrow.example_schema(data.num_features),
+    files = arrow_io.check_split(data.split("test"), arrow.example_schema(data.num_features),
                                  where="evaluate input split 'test'")
     out_dir.mkdir(parents=True, exist_ok=True)
     models = {tag: model_from_checkpoint(CheckpointState.load(ckpt.path))
@@ -38,8 +39,7 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     names = data.class_names or [str(i) for i in range(data.num_classes)]
     scores = {tag: Scores(data.num_classes, cfg.top_k) for tag in models}
     with torch.no_grad(), Progress("evaluate", total=data.split("test").rows, unit="rows") as bar:
-        for f in files:
-            table = arrow_io.read_table(f)
+        for table in Split(files).batches():
             x_all = arrow_io.features_tensor(table)
             y_all = torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
             for x, y in zip(x_all.split(cfg.batch_size), y_all.split(cfg.batch_size)):
@@ -153,12 +153,11 @@ def shift_metrics(table: list[dict]) -> dict:
 
 
 def _read_split(data: Dataset, name: str, rows: int):
-    files = arrow_io.check_split(data.split(name).path, arrow.example_schema(data.num_features),
+    files = arrow_io.check_split(data.split(name), arrow.example_schema(data.num_features),
                                  where=f"evaluate input split '{name}'")
-    tables = [arrow_io.read_table(f) for f in files]
-    x = torch.cat([arrow_io.features_tensor(t) for t in tables])[:rows]
-    y = torch.from_numpy(np.concatenate([arrow_io.labels_numpy(t) for t in tables]).astype(np.int64))[:rows]
-    return x, y
+    split = Split(files)
+    table = split.take(np.arange(min(rows, split.rows)))
+    return arrow_io.features_tensor(table), torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
 
 
 def _write_shift_table(table: list[dict], path: Path) -> list[str]:

@@ -18,6 +18,7 @@ from schemas.artifacts import Dataset
 from schemas.config import BUILTIN_CLASSES, DataConfig
 from schemas.errors import DataError
 from tasks import arrow_io
+from tasks.reader import Split
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -413,7 +414,8 @@ def _parquet(cfg: DataConfig):
     wide = feature_columns(arrow_io.read_schema(first), cfg, str(first))
     for split in ("train", "test"):
         files = _parquet_files(root, split)
-        parts = [_as_list_column(arrow_io.read_table(f), cfg, wide, str(f)) for f in files]
+        parts = [_as_list_column(table, cfg, wide, str(f)) for f in files
+                 for table in Split([str(f)]).batches()]
         try:
             tables[split] = pa.concat_tables(parts, promote_options="permissive")
         except pa.ArrowException as e:

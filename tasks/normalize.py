@@ -25,6 +25,7 @@ from schemas.config import NormalizeConfig, config_hash
 from schemas.errors import DataError, find_user_error
 from tasks import arrow_io, moments
 from tasks.console import Progress, say
+from tasks.reader import Split
 
 
 
@@ -36,7 +37,7 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
         DataError: an empty split, or NaN/inf features under ``nonfinite: error``.
     """
     expected = arrow.example_schema(raw.num_features)
-    files = {name: arrow_io.check_split(split.path, expected, where=f"normalize input split '{name}'")
+    files = {name: arrow_io.check_split(split, expected, where=f"normalize input split '{name}'")
              for name, split in raw.splits.items()}
 
     groups = _stat_groups(cfg, raw)
@@ -75,7 +76,7 @@ def _normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path, files: dict, g
                               out_dir=str(dest), shift=shift, inv_scale=inv_scale, schema=out_schema)
         written = sorted(w for group in results for w in group)
         splits[name] = SplitInfo(path=str(dest), rows=sum(n for _, _, n in written),
-                                 digest=arrow_io.combine_digests([d for _, d, _ in written]))
+                                 digest=arrow_io.combine_digests([d for _, d, _ in written]), files=[f for f, _, _ in written])
     return raw.model_copy(update={"splits": splits}), NormStatsFile(path=str(stats_path), version=stats.version)
 
 
@@ -146,7 +147,7 @@ def _over_files(file_groups: list[list[str]], fn, bar: Progress, rows: Callable[
 
 def _fit_files(files: list[str], groups: int) -> dict:
     """Stats of a group of files, each file's moments merged with Chan's merge."""
-    parts = [_block_stats(arrow_io.read_table(f), groups) for f in files]
+    parts = list(Split(files).batches(transform=lambda t: _block_stats(t, groups)))
     return {"rows": sum(p["rows"] for p in parts), "nonfinite": sum(p["nonfinite"] for p in parts),
             "moments": moments.merge_all([p["moments"] for p in parts]),
             "min": np.min([p["min"] for p in parts], axis=0), "max": np.max([p["max"] for p in parts], axis=0)}
@@ -154,13 +155,12 @@ def _fit_files(files: list[str], groups: int) -> dict:
 
 def _transform_files(files: list[str], out_dir: str, **kwargs) -> list[tuple[str, str, int]]:
     """Normalize each file into ``out_dir`` under the same name (so output order and digests are
-    deterministic); returns each written file's (name, digest, rows)."""
+    deterministic), one row group at a time; returns each written file's (name, digest, rows)."""
     written = []
     for f in files:
-        out = _apply_block(arrow_io.read_table(f), **kwargs)
         dest = Path(out_dir) / Path(f).name
-        arrow_io.write_file(out, dest)
-        written.append((dest.name, arrow_io.file_digest(dest), out.num_rows))  # just written: in the page cache
+        rows = arrow_io.write_tables(Split([f]).batches(transform=lambda t: _apply_block(t, **kwargs)), dest, kwargs["schema"])
+        written.append((dest.name, arrow_io.file_digest(dest), rows))  # just written: in the page cache
     return written
 
 

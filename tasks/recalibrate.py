@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from schemas import arrow
 from schemas.artifacts import Checkpoint, CheckpointState, Dataset
@@ -27,6 +26,7 @@ from schemas.config import RecalibrateConfig, TrainConfig
 from schemas.errors import DataError
 from tasks import arrow_io
 from tasks.console import Progress
+from tasks.reader import Split
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_ROWS = 10_000  # Wu & Johnson 2021: 10^3-10^4 rows estimate BN statistics well
@@ -51,10 +51,10 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
             raise DataError(f"recalibrate.split={cfg.split!r}: the run has no such split; use one of "
                             f"{', '.join(sorted(data.splits))}")
         split = data.split(cfg.split)
-        files = arrow_io.check_split(split.path, arrow.example_schema(data.num_features),
+        files = arrow_io.check_split(split, arrow.example_schema(data.num_features),
                                      where=f"recalibrate input split '{cfg.split}'")
         rows = calibration_rows(cfg, split.rows)
-        plan = batch_plan([pq.ParquetFile(f).metadata.num_rows for f in files], rows, cfg.batch_size, seed)
+        plan = batch_plan(Split(files).file_rows, rows, cfg.batch_size, seed)
         train_cfg = TrainConfig.model_validate(state.config)
         out_dir.mkdir(parents=True, exist_ok=True)
         with Progress("recalibrate", total=rows, unit="rows") as bar:
@@ -98,18 +98,10 @@ def rank_batches(plan: dict, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def read_rows(files: list[str], file_rows: list[int], index: np.ndarray) -> np.ndarray:
-    """Features of the global rows ``index`` (in that order), reading only the files that hold them."""
-    starts = np.concatenate([[0], np.cumsum(file_rows)])
-    which = np.searchsorted(starts, index, side="right") - 1
-    out = None
-    for f in np.unique(which):
-        pick = np.nonzero(which == f)[0]
-        x = arrow_io.features_numpy(arrow_io.read_table(files[f], columns=[arrow.FEATURES]))
-        if out is None:
-            out = np.empty((len(index), x.shape[1]), dtype=np.float32)
-        out[pick] = x[index[pick] - starts[f]]
-    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+def read_rows(files: list[str], index: np.ndarray) -> np.ndarray:
+    """Features of the global rows ``index`` (in that order), reading only the row groups that hold them."""
+    table = Split(files).take(index, columns=[arrow.FEATURES])
+    return arrow_io.features_numpy(table) if table.num_rows else np.empty((0, 0), dtype=np.float32)
 
 
 def _strip(state: CheckpointState, info: dict) -> CheckpointState:
@@ -159,7 +151,7 @@ def _calibrate_shard(checkpoint: str, files: list[str], plan: dict, rank: int, w
     model = model_from_checkpoint(CheckpointState.load(checkpoint)).to(device)
     lo, hi = rank_batches(plan, rank, world)
     bounds = plan["bounds"]
-    x = torch.from_numpy(read_rows(files, plan["file_rows"], plan["order"][bounds[lo]:bounds[hi]]))
+    x = torch.from_numpy(read_rows(files, plan["order"][bounds[lo]:bounds[hi]]))
     batches = (x[bounds[b] - bounds[lo]: bounds[b + 1] - bounds[lo]].to(device) for b in range(lo, hi))
     share = collect_bn_stats(model, batches, estimator=estimator)
     return {**share, "layers": [None if a is None else _to_cpu(a) for a in share["layers"]]}

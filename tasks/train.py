@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
             f"train: {train_rows} training rows cannot fill one batch of train.batch_size={cfg.batch_size} on each of "
             f"train.workers={cfg.workers}; lower train.batch_size or train.workers")
     expected = arrow.example_schema(data.num_features)
-    files = {name: arrow_io.check_split(data.split(name).path, expected, where=f"train input split '{name}'")
+    files = {name: arrow_io.check_split(data.split(name), expected, where=f"train input split '{name}'")
              for name in ("train", "val")}
     out_dir.mkdir(parents=True, exist_ok=True)
     diverged = out_dir / DIVERGED_FILE

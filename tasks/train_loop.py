@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +24,7 @@ from tasks import arrow_io
 from tasks.convergence import GradMonitor, best_epoch, stop_reason
 from tasks.nn import convert_sync_batchnorm
 from tasks.nn.models import build_model
+from tasks.reader import Split
 from tasks.train_progress import ProgressWriter
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -189,23 +189,18 @@ def read_shard(files: list[str], rank: int, world: int, equal: bool = True) -> t
     Every ``world``-th row from row ``rank`` on, over the files in order. With ``equal``, the same
     number on every rank (the last ``rows % world`` rows of the split are left out): DDP needs equal
     step counts. Strided rather than contiguous shards give every rank every class even when a split
-    is sorted by label. Read with pyarrow, file by file, from the storage every node sees: one read,
-    no Ray Data pipeline between the files and the loop.
+    is sorted by label. Read by row group (``tasks.reader``) from the storage every node sees: no Ray
+    Data pipeline between the files and the loop.
     """
-    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    per_rank = sum(counts) // world if equal else sum(counts)
-    xs, ys, start = [], [], 0
-    for f, n in zip(files, counts):
-        local = np.arange((rank - start) % world, n, world)  # rows of this file with global index = rank mod world
-        local = local[(start + local) // world < per_rank]
-        if len(local):
-            table = arrow_io.read_table(f)
-            xs.append(arrow_io.features_numpy(table)[local])
-            ys.append(arrow_io.labels_numpy(table)[local])
-        start += n
-    x = np.concatenate(xs) if xs else np.empty((0, 0), dtype=np.float32)
-    y = np.concatenate(ys) if ys else np.empty(0)
-    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    split = Split(files)
+    mine = np.arange(rank, split.rows, world)
+    if equal:
+        mine = mine[: split.rows // world]
+    table = split.take(mine)
+    if table.num_rows == 0:
+        return torch.empty((0, 0)), torch.empty(0, dtype=torch.int64)
+    x = arrow_io.features_numpy(table)
+    return torch.from_numpy(np.require(x, requirements="W")), torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
 
 
 def distribute(model: nn.Module, bn_mode: str, world: int) -> nn.Module:

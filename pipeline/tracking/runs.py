@@ -143,14 +143,12 @@ class Tracker:
         """Register the recalibrated model and decide whether it becomes the champion
         (``pipeline.tracking.registry``), scoring on ``raw``'s test rows; the decision goes on the evaluate
         run and the parent. Returns the ``registry.Decision``."""
-        import numpy as np
-
         from pipeline.tracking import registry
         from tasks import arrow_io
+        from tasks.reader import Split
 
-        tables = [arrow_io.read_table(f) for f in arrow_io.split_files(raw.split("test").path)]
-        x = np.concatenate([arrow_io.features_numpy(t) for t in tables])
-        y = np.concatenate([arrow_io.labels_numpy(t) for t in tables])
+        table = Split(arrow_io.split_files(raw.split("test"))).read_all()
+        x, y = arrow_io.features_numpy(table), arrow_io.labels_numpy(table)
         recal = self.find("recalibrate")
         model_uri = recal.data.tags.get(TAG_MODEL_URI, f"runs:/{recal.info.run_id}/model_recalibrated")
         decision = registry.gate(self.client, self.cfg.tracking.register_model, self.run_id, model_uri, x, y,

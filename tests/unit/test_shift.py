@@ -1,6 +1,7 @@
 """Corruptions: deterministic, in range, growing with severity; the splits ingest adds; the shift table's means."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from schemas.config import DataConfig, ShiftConfig
@@ -41,8 +42,8 @@ def test_ingest_adds_one_split_per_corruption_and_severity_from_the_raw_test_ima
     assert set(ds.splits) == {"train", "val", "test", "shift-brightness-2", "shift-brightness-5", "shift-inverted-1"}
     from tasks import arrow_io
 
-    test = arrow_io.read_table(arrow_io.split_files(ds.split("test").path)[0])
-    inv = arrow_io.read_table(arrow_io.split_files(ds.split("shift-inverted-1").path)[0])
+    test = pq.read_table(arrow_io.split_files(ds.split("test"))[0])
+    inv = pq.read_table(arrow_io.split_files(ds.split("shift-inverted-1"))[0])
     assert inv.num_rows == 50
     # Raw pixel scale (digits: 0..16) and the same rows and labels as the clean test split.
     np.testing.assert_allclose(arrow_io.features_numpy(inv), 16 - arrow_io.features_numpy(test)[:50], atol=1e-5)

@@ -1,0 +1,125 @@
+"""The one reader of split data: every stage, the champion gate and ``adapt`` read Parquet here.
+
+A ``Split`` is a list of Parquet files in order; its rows are numbered globally over the files. It
+reads their footers once (row counts, row groups, schema) and then reads by row group, never a whole
+file or split at once unless asked to: ``batches`` yields one row group at a time (through an
+optional per-batch ``transform``: where decoding, normalization and augmentation go), ``take``
+reads the rows at given global indices from only the row groups that hold them.
+
+Files are opened through ``pyarrow.fs``: a local path or any URI pyarrow has a filesystem for, one
+code path. The files of a stage's output come from its manifest (``SplitInfo.files``), never from
+listing a directory: a reader trusts only what a complete stage says it wrote.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from schemas.errors import DataError
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(the filesystem, the path within it) of a local path or a URI."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def list_parquet(directory: str) -> list[str]:
+    """The ``.parquet`` files under ``directory`` (recursively), in name order: for data that no
+    stage wrote (a user's source, ``adapt``'s new rows). An empty list when there are none."""
+    fs, root = filesystem(directory)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    prefix = directory[: len(directory) - len(root)] if "://" in directory else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: int  # index into Split.files
+    index: int  # row group number within the file
+    start: int  # global number of its first row
+    rows: int
+
+
+class Split:
+    """Parquet files read as one sequence of rows (see the module docstring).
+
+    Raises:
+        DataError: a file that is not readable Parquet (named, with the fix).
+    """
+
+    def __init__(self, files: list[str]):
+        self.files = list(files)
+        self._open = [_parquet(f) for f in self.files]
+        self.row_groups: list[RowGroup] = []
+        start = 0
+        for i, pf in enumerate(self._open):
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                self.row_groups.append(RowGroup(i, g, start, n))
+                start += n
+        self.rows = start
+        self.file_rows = [pf.metadata.num_rows for pf in self._open]
+        self._starts = [g.start for g in self.row_groups]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._open[0].schema_arrow if self._open else pa.schema([])
+
+    def read(self, group: RowGroup, columns: Optional[list[str]] = None) -> pa.Table:
+        try:
+            return self._open[group.file].read_row_group(group.index, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.files[group.file]}: row group {group.index} cannot be read "
+                            f"({str(e).splitlines()[0]}); replace or remove the file") from None
+
+    def batches(self, columns: Optional[list[str]] = None, transform: Optional[Callable] = None) -> Iterator:
+        """Every row group in order, as a table (or what ``transform(table)`` makes of it)."""
+        for group in self.row_groups:
+            table = self.read(group, columns)
+            yield transform(table) if transform is not None else table
+
+    def read_all(self, columns: Optional[list[str]] = None) -> pa.Table:
+        """The whole split as one table: only for data known to be small (a gate's test rows)."""
+        tables = list(self.batches(columns))
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+    def take(self, index: np.ndarray, columns: Optional[list[str]] = None) -> pa.Table:
+        """The rows at global numbers ``index``, in that order, reading only the row groups that
+        hold them."""
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= self.rows):
+            raise IndexError(f"row numbers outside 0..{self.rows - 1}")
+        which = np.searchsorted(self._starts, index, side="right") - 1
+        parts, where = [], []
+        for g in np.unique(which):
+            pick = np.nonzero(which == g)[0]
+            group = self.row_groups[g]
+            parts.append(self.read(group, columns).take(pa.array(index[pick] - group.start)))
+            where.append(pick)
+        if not parts:
+            return (self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])).empty_table()
+        table = pa.concat_tables(parts)
+        return table.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
+
+    def group_of(self, row: int) -> RowGroup:
+        return self.row_groups[bisect.bisect_right(self._starts, row) - 1]
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+    fs, inner = filesystem(path)
+    try:
+        return pq.ParquetFile(fs.open_input_file(inner))
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); replace or remove it") from None
