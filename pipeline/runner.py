@@ -1,8 +1,13 @@
 """Walks the DAG in topological order: skip what is complete, run the rest, record everything.
 
-A stage writes into ``<storage>/<run id>/<stage>.partial/`` and, once its outputs and manifest are
-written, that directory is renamed to ``<storage>/<run id>/<stage>/``: a stage directory without
-``.partial`` is always complete, and nothing ever writes into it again. The manifest records the
+The commit protocol: a stage is complete exactly when ``<storage>/<run id>/<stage>/manifest.json``
+exists. The manifest is written last (``schemas.artifacts.write_atomic``: whole or absent) and lists
+every output, and readers read only what it lists (a split's files are in its ``SplitInfo``). A
+stage directory without a manifest is debris of an interrupted attempt and is replaced. On a local
+or NFS disk the stage is also written in ``<stage>.partial/`` and renamed into place with its
+manifest, so a complete stage directory is never written into again; the protocol does not rely
+on the rename (an object store, which has none, can take the stage's files in place and the
+manifest last). The manifest records the
 stage's outputs and what they were made from: the config section's hash, the runtime values it
 takes (the seed), the content digest of every input artifact (split digests, statistics versions,
 checkpoint digests) and, for ingest, a fingerprint of the source files.
@@ -33,6 +38,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline.dag import PIPELINE, RUNTIME_VALUES, Node, validate
+from schemas.artifacts import write_atomic
 from schemas.config import PipelineConfig, config_hash
 from schemas.errors import ConfigError
 from tasks.console import interactive, say
@@ -74,7 +80,7 @@ def run(cfg: PipelineConfig, run_id: str, tracker, nodes: tuple[Node, ...] = PIP
                 say(f"stage {i}/{len(order)} {node.name}: running")
             t0 = time.perf_counter()
             with tracker.stage(node.name, section, node.params) as stage:
-                sinks = {"epoch_logger": stage.epoch_logger}
+                sinks = {"epoch_logger": lambda: _saying(stage.epoch_logger())}
                 kwargs = {p: produced[a] for p, a in node.inputs.items()}
                 kwargs.update({p: sinks[s]() for p, s in node.sinks.items()})
                 result = node.fn(cfg=section, out_dir=partial, **kwargs)
@@ -89,6 +95,16 @@ def run(cfg: PipelineConfig, run_id: str, tracker, nodes: tuple[Node, ...] = PIP
     return produced
 
 
+def _saying(log):
+    """The epoch logger as a stage sees it, ``(epoch, metrics) -> None``: what the tracker has to
+    say about it (the server went away, came back) is said here, not by the stage."""
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        note = log(epoch, metrics)
+        if note:
+            say(note)
+    return on_epoch
+
+
 def _cache_entry(storage: Path, node: Node, made_from: dict) -> Path:
     key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:24]
     return storage / CACHE_DIR / f"{node.name}-{key}.json"
@@ -98,9 +114,7 @@ def _remember(storage: Path, node: Node, made_from: dict, stage_dir: Path) -> No
     """Index a complete stage by what it was made from, for ``_reuse`` by later runs."""
     entry = _cache_entry(storage, node, made_from)
     entry.parent.mkdir(exist_ok=True)
-    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"stage_dir": str(stage_dir)}))
-    os.replace(tmp, entry)
+    write_atomic(entry, json.dumps({"stage_dir": str(stage_dir)}))
 
 
 def _reuse(storage: Path, node: Node, made_from: dict, partial: Path, stage_dir: Path):
@@ -207,11 +221,10 @@ def _publish(partial: Path, stage_dir: Path) -> None:
 
 
 def _write_manifest(stage_dir: Path, node: Node, made_from: dict, outputs: dict) -> None:
+    """The stage's commit: written last, whole or absent, listing every output."""
     body = {"manifest_version": MANIFEST_VERSION, "stage": node.name, "made_from": made_from,
             "outputs": {k: v.model_dump(mode="json") for k, v in outputs.items()}}
-    tmp = stage_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, stage_dir / MANIFEST)  # atomic: a manifest is either whole or absent
+    write_atomic(stage_dir / MANIFEST, json.dumps(body, indent=1))
 
 
 def _load_manifest(stage_dir: Path, node: Node, made_from: dict, run_id: str) -> dict | None:

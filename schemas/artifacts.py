@@ -77,10 +77,20 @@ class Evaluation(_Artifact):
 
 # -- file bodies -----------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, then rename over ``path``: a reader sees the old file or the whole new one."""
+def write_atomic(path: str | Path, write) -> None:
+    """The one way bnflow replaces a file that another process may read (artifacts, manifests,
+    progress, trial outcomes): ``write(tmp_path)`` into a temporary file beside ``path``, then a
+    rename over it, so a reader sees the old file or the whole new one. ``write`` may be a string
+    (written as text).
+
+    Where a directory of files is published, its manifest is the file written last with this: the
+    commit of the directory (``pipeline.runner``)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
+    if isinstance(write, str):
+        tmp.write_text(write)
+    else:
+        write(tmp)
     os.replace(tmp, path)
 
 
@@ -117,7 +127,7 @@ class NormStats(_Artifact):
     dropped_rows: dict[str, int] = Field(default_factory=dict, description="Rows with NaN/inf dropped, per split.")
 
     def save(self, path: Path) -> None:
-        _atomic_write(Path(path), lambda p: p.write_text(self.model_dump_json(indent=1)))
+        write_atomic(Path(path), lambda p: p.write_text(self.model_dump_json(indent=1)))
 
     @classmethod
     def load(cls, path: str | Path) -> "NormStats":
@@ -178,7 +188,7 @@ class CheckpointState(_Artifact):
         body = self.model_dump(exclude={"spec", "norm_stats"})
         body["spec"] = self.spec.model_dump(mode="json")
         body["norm_stats"] = self.norm_stats.model_dump(mode="json")
-        _atomic_write(Path(path), lambda p: torch.save(body, p))
+        write_atomic(Path(path), lambda p: torch.save(body, p))
 
     @classmethod
     def load(cls, path: str | Path) -> "CheckpointState":

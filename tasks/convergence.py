@@ -12,11 +12,13 @@ Early stopping (``train.early_stopping``), checked after each epoch:
 The trained checkpoint then holds the best epoch's weights (lowest val loss), not the last ones.
 
 Gradient health (``train.grad_health``), per epoch from the gradients of the weight layers (Linear and
-convolution weights, in the order the forward pass meets them) after DDP's all-reduce, so they are
-the global gradients, and before clipping, so clipping does not hide an explosion:
+convolution weights, in the order the model registers them, ``named_parameters``: the forward order
+for the built-in networks and for most ``nn.Sequential`` stacks, but not for a network that defines
+its head before its body) after DDP's all-reduce, so they are the global gradients, and before
+clipping, so clipping does not hide an explosion:
 
 - ``grad_norm/<layer>``: the layer's gradient L2 norm, averaged over the epoch's steps;
-- ``grad_first_to_last``: first layer's over last layer's norm; below ``vanishing_ratio`` flags
+- ``grad_first_to_last``: first registered layer's over last registered layer's norm; below ``vanishing_ratio`` flags
   vanishing gradients (the early layers barely learn: Glorot & Bengio 2010);
 - ``grad_norm_max``: the largest global norm of a step; above ``exploding_norm`` or non-finite flags
   exploding gradients. Flags are metrics ``grad_vanishing`` / ``grad_exploding`` (0 or 1).
@@ -80,7 +82,7 @@ class GradMonitor:
         grads = [p.grad for _, p in self.layers]
         if any(g is None for g in grads):
             return
-        norms = torch.stack(torch._foreach_norm(grads)).double()
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads]).double()
         total = norms.square().sum().sqrt()  # over the weight layers; NaN and inf propagate
         if self.sums is None:
             self.sums, self.max_total = torch.zeros_like(norms), torch.zeros_like(total)

@@ -39,8 +39,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     Args:
         on_epoch: called in this process (the driver) with (epoch, metrics) for each epoch whose
             checkpoint is persisted, within half a second of it; never inside the training loop,
-            which it cannot slow down. Epochs restored from a checkpoint are not passed again. A
-            string it returns is said on the console once.
+            which it cannot slow down. Epochs restored from a checkpoint are not passed again.
 
     Returns:
         The final checkpoint and the per-epoch history.

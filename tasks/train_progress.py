@@ -9,8 +9,8 @@ the checkpoints (storage every node sees):
 
 The driver's ``ProgressWatch`` reads them twice a second while ``trainer.fit()`` runs: it moves the
 bar (on a terminal), says one line per finished epoch, and hands each finished epoch to ``on_epoch``.
-Every file is replaced atomically (a temporary file renamed over it), so a reader sees a whole file
-or the previous one.
+Every file is replaced with ``schemas.artifacts.write_atomic``: a reader sees a whole file or the
+previous one.
 """
 
 from __future__ import annotations
@@ -20,17 +20,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from schemas.artifacts import write_atomic
 from tasks.console import Progress, say
 
 PROGRESS_FILE = "progress.json"
 EPOCHS_FILE = "epochs.json"
-EpochCallback = Callable[[int, dict], Optional[str]]
-
-
-def _replace(path: Path, body: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(body))
-    tmp.replace(path)
+EpochCallback = Callable[[int, dict], None]
 
 
 class ProgressWriter:
@@ -48,12 +43,12 @@ class ProgressWriter:
         if now < self.next_write:
             return
         self.next_write = now + self.every_s
-        _replace(self.dir / PROGRESS_FILE, {"epoch": epoch, "step": step, "steps": self.steps})
+        write_atomic(self.dir / PROGRESS_FILE, json.dumps({"epoch": epoch, "step": step, "steps": self.steps}))
 
     def epoch_done(self, epoch: int) -> None:
-        _replace(self.dir / EPOCHS_FILE, {"resumed_after": self.resumed_after, "history": self.history,
-                                          "clock": {"marks": self.clock.marks, "spans": self.clock.spans}})
-        _replace(self.dir / PROGRESS_FILE, {"epoch": epoch, "step": self.steps, "steps": self.steps})
+        write_atomic(self.dir / EPOCHS_FILE, json.dumps({"resumed_after": self.resumed_after, "history": self.history,
+                                                         "clock": {"marks": self.clock.marks, "spans": self.clock.spans}}))
+        write_atomic(self.dir / PROGRESS_FILE, json.dumps({"epoch": epoch, "step": self.steps, "steps": self.steps}))
 
 
 def read(path: Path) -> Optional[dict]:
@@ -105,9 +100,7 @@ class ProgressWatch:
                     self.said_notes.add(flag)
                     say(f"train: gradients {flag.removeprefix('grad_')} at epoch {h['epoch']} "
                         f"(first/last layer norm ratio {h['grad_first_to_last']:.2g}, largest norm {h['grad_norm_max']:.3g})")
-            t0 = time.perf_counter()
-            note = self.on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"}) if self.on_epoch else None
-            self.on_epoch_s += time.perf_counter() - t0
-            if note and note not in self.said_notes:  # e.g. the tracking server went away or came back
-                self.said_notes.add(note)
-                say(note)
+            if self.on_epoch is not None:
+                t0 = time.perf_counter()
+                self.on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"})
+                self.on_epoch_s += time.perf_counter() - t0

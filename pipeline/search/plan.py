@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pipeline.search import space as S
+from schemas.artifacts import write_atomic
 from schemas.config import PipelineConfig
 from schemas.errors import ConfigError
 
@@ -46,9 +46,7 @@ class Outcome:
     run_id: str = ""  # its MLflow run
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=1, default=plain))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.__dict__, indent=1, default=plain))
 
     @classmethod
     def load(cls, path: Path) -> "Outcome":

@@ -105,13 +105,15 @@ class RestStore:
 
     def _call(self, endpoint: str, method: str, **kwargs) -> dict:
         import requests
+        from mlflow.exceptions import MlflowException
         from mlflow.utils.rest_utils import http_request
 
         try:
             response = http_request(self.creds, f"/api/2.0/mlflow/{endpoint}", method, max_retries=0, backoff_factor=0,
                                     timeout=REQUEST_TIMEOUT_S, raise_on_status=False, **kwargs)
-        except requests.exceptions.RequestException as e:
-            raise Outage(type(e).__name__) from None
+        except (requests.exceptions.RequestException, MlflowException) as e:  # MLflow wraps the transport's errors
+            cause = e.__cause__ or e.__context__ or e
+            raise Outage(type(cause).__name__) from None
         if response.status_code != 200:
             raise Outage(f"HTTP {response.status_code} from {endpoint}")
         return response.json()

@@ -165,3 +165,37 @@ def test_stage_cache_reuses_identical_stages_across_runs_and_reruns_only_downstr
     (tmp_path / "src.txt").write_text("data-2")
     runner.run(base, "day5", _Tracker(), CHAIN)
     assert CALLS == ["ingest", "normalize", "train"]
+
+
+def test_a_stage_is_complete_exactly_when_its_manifest_exists(tmp_path):
+    """The commit protocol: a stage directory without its manifest (an attempt cut between its last
+    output and its manifest, or an object store's half-written prefix) is debris, run again and
+    replaced; its files are never taken as outputs."""
+    CALLS.clear()
+    cfg = _cfg(tmp_path)
+    runner.run(cfg, "r3", _Tracker(), NODES)
+    root = tmp_path / "runs" / "r3"
+    (root / "use" / "manifest.json").unlink()
+    (root / "use" / "used.txt").write_text("half-written")
+    CALLS.clear()
+    out = runner.run(cfg, "r3", _Tracker(), NODES)
+    assert CALLS == ["skipped", "use"]
+    assert Path(out["used"].path).read_text() == "data-1 0"
+    assert (root / "use" / "manifest.json").exists()
+
+
+def test_a_split_is_read_as_its_manifest_lists_it(tmp_path):
+    """Readers trust only what a complete stage says it wrote: a file that appears in a split's
+    directory later (a stray copy, another writer's debris) is not read."""
+    import numpy as np
+
+    from schemas import arrow
+    from tasks import arrow_io
+    from tasks.reader import Split
+
+    info = arrow_io.write_split(arrow_io.to_table(np.ones((5, 2), np.float32), np.zeros(5), arrow.example_schema(2)),
+                                tmp_path / "train")
+    arrow_io.write_file(arrow_io.to_table(np.zeros((3, 2), np.float32), np.ones(3), arrow.example_schema(2)),
+                        tmp_path / "train" / "part-99999.parquet")
+    assert info.files == ["part-00000.parquet"]
+    assert Split(arrow_io.split_files(info)).rows == 5

@@ -142,7 +142,7 @@ def test_read_shard_gives_equal_strided_shards_that_cover_every_class(tmp_path, 
 def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, monkeypatch):
     """The driver logs epochs as rank 0's epochs file shows them: each epoch after the one the
     attempt resumed from, once, even when the file is read many times or a restarted worker group
-    goes back to an earlier epoch; an unreachable server's note is said once."""
+    goes back to an earlier epoch."""
     import json
 
     from tasks.console import Progress
@@ -154,7 +154,6 @@ def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, 
 
     def on_epoch(epoch, metrics):
         calls.append((epoch, metrics))
-        return "tracking server unreachable (ConnectionError)" if epoch >= 3 else None
 
     def write(resumed_after, epochs):
         history = [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, epochs + 1)]
@@ -172,7 +171,6 @@ def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, 
         watch()
     assert calls == [(2, {"train_loss": 0.5}), (3, {"train_loss": 1 / 3}), (4, {"train_loss": 0.25})]
     out = capsys.readouterr().out
-    assert out.count("tracking server unreachable") == 1
     assert [line.split()[3] for line in out.splitlines() if " train epoch " in line] == ["2/6", "3/6", "4/6"]
     assert out.count("resuming after epoch") == 2  # the resumed attempt, then the restarted group
 
