@@ -9,6 +9,7 @@ no parent run, no run directory.
 
 from __future__ import annotations
 
+import _thread
 import os
 import re
 import secrets
@@ -92,13 +93,19 @@ def tracked(cfg, run_id: str, tags: dict, work: Callable, resume: str, kind: str
     root = Path(cfg.storage).resolve() / run_id
     fresh = not root.exists()
     writable_run_dir(cfg.storage, root)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+
+    def on_lost(message):
+        print(f"[bnflow] {message}; this process stops writing", file=sys.stderr, flush=True)
+        if main_thread:  # interrupt_main reaches the main thread only, which runs this work only if we are on it
+            _thread.interrupt_main()  # raises KeyboardInterrupt there: the branch below that checks lease.lost
+
     try:
-        lease = Lease(root, run_id).acquire(wait=wait_for_lock)
+        lease = Lease(root, run_id, on_lost=on_lost).acquire(wait=wait_for_lock)
     except UserError:
         _remove_if(fresh, root)
         raise
     tracker = None
-    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     previous = signal.getsignal(signal.SIGTERM)
     t0 = time.perf_counter()
     try:
@@ -117,6 +124,11 @@ def tracked(cfg, run_id: str, tags: dict, work: Callable, resume: str, kind: str
         say(f"{kind} {run_id}: MLflow run {parent} in {tracker.uri}")
         value = work(tracker, say)
     except (KeyboardInterrupt, Interrupted) as e:
+        if lease.lost.is_set():
+            _stop_quietly(None)  # the runs are the new owner's now: marking them KILLED would be writing
+            print(f"error: lost the lease of run id {run_id} (another process took it over); "
+                  "this process stopped without writing more", file=sys.stderr)
+            return 1
         code = 130 if isinstance(e, KeyboardInterrupt) else 143
         _stop_quietly(tracker)
         print(f"interrupted; resume with {resume}", file=sys.stderr)

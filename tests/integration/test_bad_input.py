@@ -84,6 +84,8 @@ def _no_running_runs(tmp_path):
     ("unwritable storage", ["storage=/proc/bnflow"], None, "storage=/proc/bnflow: cannot write there"),
     ("unreachable tracking server", ["tracking.uri=http://127.0.0.1:{port}"], None,
      "tracking.uri=http://127.0.0.1:{port}: no MLflow server answers"),
+    # Issue 21: was a KeyError traceback with exit 1.
+    ("unknown tracking URI scheme", ["tracking.uri=foo://bar"], None, "tracking.uri=foo://bar: MLflow has no tracking store"),
     ("file store tracking URI", ["tracking.uri=./mlruns"], None,
      "tracking.uri=./mlruns: MLflow no longer accepts a file store; use a database, e.g. tracking.uri=sqlite:///"),
     ("unreachable Ray address", [], {"RAY_ADDRESS": "127.0.0.1:{port}"}, "RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers"),
@@ -126,3 +128,24 @@ def test_divergent_learning_rate_is_one_line_without_worker_tracebacks(tmp_path)
     assert (storage / "normalize" / "manifest.json").exists()
     assert not (storage / "train").exists()  # the failed stage published nothing
     _no_running_runs(tmp_path)
+
+
+def test_a_run_refused_after_ray_starts_leaves_nothing_behind(tmp_path):
+    """Regression (issue 21): more workers than the cluster holds was refused after the parent run
+    and the run directory were made, leaving a FAILED run and an empty directory."""
+    r, _ = _run(tmp_path, "train.workers=8")
+    _assert_clean_user_error(r, "train.workers=8", only_line=False)
+    assert not (tmp_path / "storage" / "bad").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_adapt_in_a_fresh_directory_creates_no_store(tmp_path):
+    """Regression (issue 21): ``adapt`` without --tracking-uri created an empty ./mlflow.db before
+    saying that the model was not found."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    (tmp_path / "new").mkdir()
+    r = subprocess.run([sys.executable, "-m", "pipeline", "adapt", "--model", "runs:/0123/model_recalibrated",
+                        "--data", str(tmp_path / "new")], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    _assert_clean_user_error(r, "no such database, so no model to adapt")
+    assert not (tmp_path / "mlflow.db").exists()

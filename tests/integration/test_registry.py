@@ -159,3 +159,38 @@ def test_mlflow_models_serve_answers_with_probabilities(mlflow_server, digits, g
     for row in rows:
         probs = [row[f"probability.{c}"] for c in range(10)]
         assert sum(probs) == pytest.approx(1.0) and row["predicted_class"] == int(np.argmax(probs))
+
+
+def test_an_outage_while_rescoring_the_champion_is_an_error_and_a_rerun_decides(tmp_path, digits, monkeypatch):
+    """Regression (issue 21): any exception while rescoring the champion was recorded as a "not
+    promoted" decision that every rerun then returned. Here the registry's server really goes away
+    between the candidate's score and the champion's."""
+    from tests.conftest import start_mlflow_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own minutes of retries, off for the test
+    port = free_port()
+    (tmp_path / "m").mkdir()
+    server = start_mlflow_server(tmp_path / "m", port)
+    uri = f"http://127.0.0.1:{port}"
+    _, (x, y) = digits
+    try:
+        first = _gate(uri, digits, _model(digits, 30), "first")
+        assert first.promoted
+        candidate = _log(uri, _model(digits, 300), "second")
+
+        def score_while_the_server_goes(model_uri, x, y, names):
+            if model_uri.endswith("@champion"):
+                stop(server)
+            return registry.accuracy(model_uri, x, y, names)
+
+        client = MlflowClient(uri)
+        with pytest.raises(registry.RegistryUnavailable, match="rerun to decide"):
+            registry.gate(client, NAME, "second", candidate, x, y, GateConfig(), say=lambda _: None,
+                          score=score_while_the_server_goes)
+        server = start_mlflow_server(tmp_path / "m", port)
+        again = registry.gate(client, NAME, "second", candidate, x, y, GateConfig(), say=lambda _: None)
+        assert again.promoted and again.champion_version == first.version
+        assert again.champion_accuracy == pytest.approx(first.candidate_accuracy, abs=1e-12)
+        assert len(client.search_model_versions(f"name = '{NAME}' and tags.`bnflow.run_id` = 'second'")) == 1
+    finally:
+        stop(server)
