@@ -166,7 +166,9 @@ def command(args) -> int:
 
     from pipeline.tracking.uri import check_reachable, default_tracking_uri, ui_command
     from schemas.errors import ConfigError
-    from tasks.console import say
+    from tasks.console import Console
+
+    say = Console().say
 
     for flag, value, low in (("--rows", args.rows, 2), ("--batch-size", args.batch_size, 2)):
         if value is not None and value < low:

@@ -27,8 +27,10 @@ from tasks.train import train
 
 # Values the runner supplies itself rather than a stage; they are part of a stage's cache key.
 RUNTIME_VALUES = ("seed",)
-# Callables the runner supplies per stage run; they receive results and do not shape them.
-SINKS = ("epoch_logger",)
+# What the runner supplies per stage run; they receive results and do not shape them: the per-epoch
+# metrics logger, and the console every stage reports its progress through (stages never print).
+SINKS = ("epoch_logger", "console")
+SHOWN = {"console": "console"}
 
 
 class DagError(Exception):
@@ -50,16 +52,17 @@ class Node:
 
 PIPELINE: tuple[Node, ...] = (  # a search walks parts of it: the data stages once, train per trial, then the rest
     Node("ingest", ingest, "data", {"seed": "seed"}, {"raw": A.Dataset}, source=source_fingerprint),
-    Node("normalize", normalize, "normalize", {"raw": "raw"}, {"data": A.Dataset, "norm_stats": A.NormStatsFile}),
+    Node("normalize", normalize, "normalize", {"raw": "raw"}, {"data": A.Dataset, "norm_stats": A.NormStatsFile},
+         sinks=SHOWN),
     Node("train", train, "train", {"data": "data", "norm_stats": "norm_stats", "seed": "seed"},
-         {"trained": A.Checkpoint, "history": A.TrainHistory}, sinks={"on_epoch": "epoch_logger"},
+         {"trained": A.Checkpoint, "history": A.TrainHistory}, sinks={"on_epoch": "epoch_logger", **SHOWN},
          params=lambda section: {"train.bn_mode": section.bn_mode},  # the resolved mode, not just the knob
          resumable=True),
     Node("recalibrate", recalibrate, "recalibrate", {"checkpoint": "trained", "data": "data", "seed": "seed"},
-         {"recalibrated": A.Checkpoint}),
+         {"recalibrated": A.Checkpoint}, sinks=SHOWN),
     Node("evaluate", evaluate, "evaluate",
          {"trained": "trained", "recalibrated": "recalibrated", "data": "data", "history": "history"},
-         {"evaluation": A.Evaluation}),
+         {"evaluation": A.Evaluation}, sinks=SHOWN),
 )
 
 

@@ -10,12 +10,12 @@ def command(args) -> int:
     cfg = recipes.load(args.recipe, args.overrides)
     run_id, tags = session.run_identity(args.run_id, args.slot, args.schedule, cfg.name)
 
-    def work(tracker, say):
+    def work(tracker, console):
         from pipeline import runner
 
-        produced = runner.run(tracker.cfg, run_id, tracker)
+        produced = runner.run(tracker.cfg, run_id, tracker, console=console)
         evaluation = produced["evaluation"]
-        decision = tracker.gate(produced["raw"], say) if tracker.cfg.tracking.register_model else None
+        decision = tracker.gate(produced["raw"], console.say) if tracker.cfg.tracking.register_model else None
         # The headline numbers on the parent; per-class ones stay on the evaluate run.
         tracker.finish("FINISHED", summary=headline(evaluation.metrics), tags=evaluation.tags)
         return evaluation, decision

@@ -41,7 +41,7 @@ from pipeline.dag import PIPELINE, RUNTIME_VALUES, Node, validate
 from schemas.artifacts import write_atomic
 from schemas.config import PipelineConfig, config_hash
 from schemas.errors import ConfigError
-from tasks.console import interactive, say
+from tasks.console import Console
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = "2"
@@ -50,16 +50,19 @@ CACHE_DIR = ".stage-cache"  # under storage: made_from -> the stage directory th
 
 
 def run(cfg: PipelineConfig, run_id: str, tracker, nodes: tuple[Node, ...] = PIPELINE,
-        given: dict | None = None) -> dict:
+        given: dict | None = None, console: Console | None = None) -> dict:
     """Run (or resume) pipeline ``run_id``; returns every artifact by name. ``given`` holds artifacts
     made before this walk, by name (a search hands its trials the shared data this way); they enter
     the manifests' digests like any stage's outputs. ``tracker`` records each stage: a
-    ``pipeline.tracking.runs.Tracker`` or anything with its ``stage`` and ``stage_skipped``.
+    ``pipeline.tracking.runs.Tracker`` or anything with its ``stage`` and ``stage_skipped``; the
+    runner's lines and the stages' progress go to ``console`` (default: a new one on this process's
+    stdout and stderr).
 
     Raises:
         ConfigError: a complete stage of this run id was made from other inputs than today's.
     """
     order = validate(nodes, given=tuple(given or ()))
+    console = console or Console()
     root = Path(cfg.storage).resolve() / run_id
     produced: dict = {**(given or {}), "seed": cfg.seed}
     for i, node in enumerate(order, 1):
@@ -72,15 +75,15 @@ def run(cfg: PipelineConfig, run_id: str, tracker, nodes: tuple[Node, ...] = PIP
             reused, outputs = _reuse(root.parent, node, made_from, partial, stage_dir)
         if outputs is not None:
             where = f"reused from {reused}" if reused else f"complete in {stage_dir}, skipped"
-            say(f"stage {i}/{len(order)} {node.name}: {where}")
+            console.say(f"stage {i}/{len(order)} {node.name}: {where}")
             tracker.stage_skipped(node.name, section, node.params, outputs)
         else:
             _prepare(partial, resumable=node.resumable, made_from=made_from)
-            if not interactive():  # in a log, the start of a long stage; on a terminal its bar says so
-                say(f"stage {i}/{len(order)} {node.name}: running")
+            if not console.interactive():  # in a log, the start of a long stage; on a terminal its bar says so
+                console.say(f"stage {i}/{len(order)} {node.name}: running")
             t0 = time.perf_counter()
             with tracker.stage(node.name, section, node.params) as stage:
-                sinks = {"epoch_logger": lambda: _saying(stage.epoch_logger())}
+                sinks = {"epoch_logger": lambda: _saying(stage.epoch_logger(), console), "console": lambda: console}
                 kwargs = {p: produced[a] for p, a in node.inputs.items()}
                 kwargs.update({p: sinks[s]() for p, s in node.sinks.items()})
                 result = node.fn(cfg=section, out_dir=partial, **kwargs)
@@ -90,18 +93,18 @@ def run(cfg: PipelineConfig, run_id: str, tracker, nodes: tuple[Node, ...] = PIP
                 if node.name in cfg.reuse:
                     _remember(root.parent, node, made_from, stage_dir)
                 stage.log_outputs(outputs)
-            say(f"stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s")
+            console.say(f"stage {i}/{len(order)} {node.name}: done in {time.perf_counter() - t0:.1f}s")
         produced.update(outputs)
     return produced
 
 
-def _saying(log):
+def _saying(log, console: Console):
     """The epoch logger as a stage sees it, ``(epoch, metrics) -> None``: what the tracker has to
     say about it (the server went away, came back) is said here, not by the stage."""
     def on_epoch(epoch: int, metrics: dict) -> None:
         note = log(epoch, metrics)
         if note:
-            say(note)
+            console.say(note)
     return on_epoch
 
 

@@ -71,7 +71,7 @@ def run_identity(run_id: Optional[str], slot: Optional[str], schedule: Optional[
 
 def tracked(cfg, run_id: str, tags: dict, work: Callable, resume: str, kind: str = "run", verbose: bool = False,
             wait_for_lock: bool = False):
-    """One tracked run's life around ``work(tracker, say)`` (see the module docstring). ``work``
+    """One tracked run's life around ``work(tracker, console)`` (see the module docstring). ``work``
     finishes the parent run itself. Returns ``Done``, or the exit code of an interruption.
 
     MLflow's process-wide tracking URI is set here, once, to the run's store: the model logging
@@ -83,9 +83,10 @@ def tracked(cfg, run_id: str, tags: dict, work: Callable, resume: str, kind: str
     from pipeline.lease import Lease
     from pipeline.tracking.runs import Tracker
     from pipeline.tracking.uri import check_reachable
-    from tasks.console import say
+    from tasks.console import Console
     from tasks.ingest import check_source
 
+    console = Console()  # the command's one console: the runner and every stage report through it
     cfg = credentials_out_of_config(cfg)
     check_source(cfg.data)  # bad source files answer in a second, before Ray or MLflow start
     check_reachable(Tracker.uri_for(cfg))
@@ -121,8 +122,8 @@ def tracked(cfg, run_id: str, tags: dict, work: Callable, resume: str, kind: str
         if main_thread:  # after ray.init, which installs a SIGTERM handler of its own
             signal.signal(signal.SIGTERM, _on_sigterm)
         parent = tracker.start()
-        say(f"{kind} {run_id}: MLflow run {parent} in {tracker.uri}")
-        value = work(tracker, say)
+        console.say(f"{kind} {run_id}: MLflow run {parent} in {tracker.uri}")
+        value = work(tracker, console)
     except (KeyboardInterrupt, Interrupted) as e:
         if lease.lost.is_set():
             _stop_quietly(None)  # the runs are the new owner's now: marking them KILLED would be writing

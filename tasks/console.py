@@ -1,10 +1,14 @@
-"""The one output path for progress lines and bars, on the driver and in Ray workers alike.
+"""The one output path for progress lines and bars: a ``Console``.
+
+The driver makes one per command and hands it to the runner, which hands it to every stage (the
+``console`` parameter): stages report through it and never print. A stage called on its own (a
+test, a notebook) gets ``QUIET``, which shows nothing.
 
 Lines are plain stdout writes, not ``print`` (Ray Train patches ``print`` in its workers and every
 line would reach the driver twice) and not ``logging`` (unconfigured in Ray workers, so INFO lines
 vanish). Bars are tqdm on stderr, and only on a terminal: piped into a log file (``ray job logs``,
 cron, CI) a bar would be hundreds of carriage-return frames, so there the caller's own lines (one
-per epoch, one per stage) are all that is written.
+per epoch, one per stage) are all that is written. While a bar is live, lines are written above it.
 """
 
 from __future__ import annotations
@@ -13,43 +17,55 @@ import os
 import sys
 from typing import Optional
 
-_bar = None  # the live bar, if any: lines are written above it instead of through it
+
+class Console:
+    """Lines and bars for a person watching the run; ``quiet``: neither."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None  # the live tqdm bar, if any
+
+    def interactive(self) -> bool:
+        """Whether a person watches this output live (stderr is a terminal; BNFLOW_PROGRESS=0 says no)."""
+        return not self.quiet and os.environ.get("BNFLOW_PROGRESS", "1") != "0" and sys.stderr.isatty()
+
+    def say(self, message: str) -> None:
+        """One progress line, flushed at once so it interleaves correctly with Ray's own output."""
+        if self.quiet:
+            return
+        line = f"[bnflow] {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def progress(self, desc: str, total: Optional[float], unit: str = "it") -> "Progress":
+        """A bar of ``total`` units (None: unknown yet), live on a terminal, a no-op elsewhere."""
+        return Progress(self, desc, total, unit)
 
 
-def interactive() -> bool:
-    """Whether a person watches this output live (stderr is a terminal; BNFLOW_PROGRESS=0 says no)."""
-    return os.environ.get("BNFLOW_PROGRESS", "1") != "0" and sys.stderr.isatty()
-
-
-def say(message: str) -> None:
-    """One progress line, flushed at once so it interleaves correctly with Ray's own output."""
-    line = f"[bnflow] {message}"
-    if _bar is not None:
-        _bar.write(line, file=sys.stdout)
-    else:
-        sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+QUIET = Console(quiet=True)
 
 
 class Progress:
-    """A live bar of ``total`` units on a terminal; a no-op elsewhere (see the module note).
+    """A live bar on a terminal; a no-op elsewhere (see the module note).
 
     Use as a context manager; ``update`` advances it, ``set`` moves it to an absolute position.
     """
 
-    def __init__(self, desc: str, total: Optional[float], unit: str = "it"):
-        self.desc, self.total, self.unit = desc, total, unit
+    def __init__(self, console: Console, desc: str, total: Optional[float], unit: str = "it"):
+        self.console, self.desc, self.total, self.unit = console, desc, total, unit
         self.bar = None
 
     def __enter__(self) -> "Progress":
-        global _bar
-        if interactive():
+        if self.console.interactive():
             from tqdm import tqdm
 
             width = _fixed_width()
             self.bar = tqdm(total=self.total, desc=f"[bnflow] {self.desc}", unit=self.unit, file=sys.stderr, leave=False,
                             dynamic_ncols=width is None, ncols=width, unit_scale=self.unit == "rows")
-            _bar = self.bar
+            self.console.bar = self.bar
         return self
 
     def update(self, n: float = 1, **postfix) -> None:
@@ -75,10 +91,9 @@ class Progress:
             self.bar.refresh()
 
     def __exit__(self, *exc) -> None:
-        global _bar
         if self.bar is not None:
             self.bar.close()
-            _bar = None
+            self.console.bar = None
 
 
 def _fixed_width():

@@ -13,7 +13,7 @@ from schemas import arrow
 from schemas.artifacts import Checkpoint, CheckpointState, Dataset, Evaluation, TrainHistory
 from schemas.config import EvaluateConfig
 from tasks import arrow_io, shift
-from tasks.console import Progress
+from tasks.console import QUIET, Console
 from tasks.convergence import grad_health
 from tasks.curves import read_curves
 from tasks.metrics import Scores
@@ -22,7 +22,7 @@ from tasks.reader import Split
 
 
 def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint, data: Dataset,
-             history: TrainHistory, out_dir: Path) -> Evaluation:
+             history: TrainHistory, out_dir: Path, console: Console = QUIET) -> Evaluation:
     """Score both checkpoints on EVERY test row, read the training curves, and draw what a person checks.
 
     Metrics per model (``before``: as trained, ``after``: recalibrated), named
@@ -38,7 +38,7 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
               for tag, ckpt in (("before", trained), ("after", recalibrated))}
     names = data.class_names or [str(i) for i in range(data.num_classes)]
     scores = {tag: Scores(data.num_classes, cfg.top_k) for tag in models}
-    with torch.no_grad(), Progress("evaluate", total=data.split("test").rows, unit="rows") as bar:
+    with torch.no_grad(), console.progress("evaluate", total=data.split("test").rows, unit="rows") as bar:
         for table in Split(files).batches():
             x_all = arrow_io.features_tensor(table)
             y_all = torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
@@ -77,7 +77,7 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     shifted = sorted(name for name in data.splits if shift.parse_split(name))
     if shifted:
         recal = CheckpointState.load(recalibrated.path).recalibration or {}
-        table = shift_report(cfg, models["before"], models["after"], data, shifted)
+        table = shift_report(cfg, models["before"], models["after"], data, shifted, console)
         metrics.update(shift_metrics(table))
         files += _write_shift_table(table, out_dir / "shift_accuracy.csv")
         files.append(_plot_shift(table, f"recalibrated ({recal.get('estimator', '?')} on {recal.get('split', '?')})",
@@ -107,7 +107,8 @@ def _write_per_class(per_class: dict, names: list[str], path: Path) -> str:
 SHIFT_MODELS = ("trained", "recalibrated", "adapted")
 
 
-def shift_report(cfg: EvaluateConfig, trained, recalibrated, data: Dataset, shifted: list[str]) -> list[dict]:
+def shift_report(cfg: EvaluateConfig, trained, recalibrated, data: Dataset, shifted: list[str],
+                 console: Console = QUIET) -> list[dict]:
     """Accuracy of three models on every shifted split (and on the same clean test rows, severity 0).
 
     trained: the weights with training's running averages; recalibrated: the recalibrate stage's
@@ -121,7 +122,7 @@ def shift_report(cfg: EvaluateConfig, trained, recalibrated, data: Dataset, shif
 
     rows = max(data.split(name).rows for name in shifted)
     table = []
-    with torch.no_grad(), Progress("evaluate shift", total=len(shifted) + 1, unit="splits") as bar:
+    with torch.no_grad(), console.progress("evaluate shift", total=len(shifted) + 1, unit="splits") as bar:
         for name in ["test"] + shifted:
             x, y = _read_split(data, name, rows)
             order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))

@@ -24,13 +24,14 @@ from schemas.artifacts import NORM_STATS_VERSION, Dataset, NormStats, NormStatsF
 from schemas.config import NormalizeConfig, config_hash
 from schemas.errors import DataError, find_user_error
 from tasks import arrow_io, moments
-from tasks.console import Progress, say
+from tasks.console import QUIET, Console, Progress
 from tasks.reader import Split
 
 
 
-def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Dataset, NormStatsFile]:
-    """Fit on ``raw``'s train split, write every split normalized under ``out_dir``.
+def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path, console: Console = QUIET) -> tuple[Dataset, NormStatsFile]:
+    """Fit on ``raw``'s train split, write every split normalized under ``out_dir``; progress and
+    notes (dropped rows, constant features) go to ``console``.
 
     Raises:
         SchemaMismatch: a split whose Arrow schema breaks the example-schema contract.
@@ -41,11 +42,11 @@ def normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path) -> tuple[Datase
              for name, split in raw.splits.items()}
 
     groups = _stat_groups(cfg, raw)
-    with Progress("normalize", total=2 * sum(split.rows for split in raw.splits.values()), unit="rows") as bar:
-        return _normalize(cfg, raw, out_dir, files, groups, bar)
+    with console.progress("normalize", total=2 * sum(split.rows for split in raw.splits.values()), unit="rows") as bar:
+        return _normalize(cfg, raw, out_dir, files, groups, bar, console)
 
 
-def _normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path, files: dict, groups: int, bar: Progress):
+def _normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path, files: dict, groups: int, bar: Progress, console: Console):
     scans = {name: _scan(files[name], groups, bar) for name in raw.splits}
     dropped = {}
     for name, scan in scans.items():
@@ -56,9 +57,9 @@ def _normalize(cfg: NormalizeConfig, raw: Dataset, out_dir: Path, files: dict, g
                 raise DataError(
                     f"{arrow.FEATURES}: {scan['nonfinite']} row(s) of split '{name}' hold NaN or inf; clean them or set normalize.nonfinite=drop")
             dropped[name] = scan["nonfinite"]
-            say(f"normalize: dropping {scan['nonfinite']} row(s) with NaN/inf from split '{name}'")
+            console.say(f"normalize: dropping {scan['nonfinite']} row(s) with NaN/inf from split '{name}'")
 
-    stats = _finish(cfg, scans["train"], groups, raw).model_copy(update={"dropped_rows": dropped})
+    stats = _finish(cfg, scans["train"], groups, raw, console).model_copy(update={"dropped_rows": dropped})
     stats_path = out_dir / "norm_stats.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     stats.save(stats_path)
@@ -173,7 +174,7 @@ def _scan(files: list[str], groups: int, bar: Progress) -> dict:
             "max": np.max([np.full(groups, -np.inf)] + [p["max"] for p in parts], axis=0)}
 
 
-def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> NormStats:
+def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset, console: Console) -> NormStats:
     m = scan["moments"]
     std = np.sqrt(m.variance(ddof=0))
     if cfg.method == "standard":
@@ -185,7 +186,7 @@ def _finish(cfg: NormalizeConfig, scan: dict, groups: int, raw: Dataset) -> Norm
     constant = [int(i) for i in np.flatnonzero(scale == 0)]
     if constant and cfg.method != "none":
         unit = "channel" if groups != raw.num_features else "feature"
-        say(f"normalize: {len(constant)} constant {unit}(s) (zero spread on train) are centred, not scaled: {constant[:20]}")
+        console.say(f"normalize: {len(constant)} constant {unit}(s) (zero spread on train) are centred, not scaled: {constant[:20]}")
     scale = np.where(scale == 0, 1.0, scale)
     per_unit = raw.num_features // groups
     body = {

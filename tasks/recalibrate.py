@@ -25,14 +25,15 @@ from schemas.artifacts import Checkpoint, CheckpointState, Dataset
 from schemas.config import RecalibrateConfig, TrainConfig
 from schemas.errors import DataError
 from tasks import arrow_io
-from tasks.console import Progress
+from tasks.console import QUIET, Console
 from tasks.reader import Split
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_ROWS = 10_000  # Wu & Johnson 2021: 10^3-10^4 rows estimate BN statistics well
 
 
-def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, out_dir: Path, seed: int) -> Checkpoint:
+def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, out_dir: Path, seed: int,
+                console: Console = QUIET) -> Checkpoint:
     """Write a copy of ``checkpoint`` whose BN running statistics come from ``cfg.estimator`` over
     calibration rows of ``cfg.split`` (normalized like training data), without the optimizer state.
 
@@ -57,7 +58,7 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
         plan = batch_plan(Split(files).file_rows, rows, cfg.batch_size, seed)
         train_cfg = TrainConfig.model_validate(state.config)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with Progress("recalibrate", total=rows, unit="rows") as bar:
+        with console.progress("recalibrate", total=rows, unit="rows") as bar:
             _on_tasks(train_cfg, cfg, checkpoint.path, files, plan, info, path)
             bar.update(rows)
     return Checkpoint(path=str(path), digest=arrow_io.file_digest(path), epoch=checkpoint.epoch, bn_mode=checkpoint.bn_mode)

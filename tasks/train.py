@@ -17,7 +17,7 @@ from schemas.artifacts import Checkpoint, CheckpointState, Dataset, ModelSpec, N
 from schemas.config import TrainConfig
 from schemas.errors import DataError, TrainingDiverged
 from tasks import arrow_io
-from tasks.console import Progress, say
+from tasks.console import QUIET, Console
 from tasks.convergence import best_epoch
 from tasks.train_loop import CHECKPOINT_FILE, train_loop
 from tasks.train_progress import EPOCHS_FILE, PROGRESS_FILE, EpochCallback, ProgressWatch
@@ -27,7 +27,7 @@ TIMINGS_FILE = "timings.json"  # where the stage's seconds went (last attempt), 
 
 
 def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: Path, seed: int,
-          on_epoch: Optional[EpochCallback] = None) -> tuple[Checkpoint, TrainHistory]:
+          on_epoch: Optional[EpochCallback] = None, console: Console = QUIET) -> tuple[Checkpoint, TrainHistory]:
     """Train on ``data``'s train split with ``cfg.workers`` Ray Train workers; validate on val.
 
     Resumable: every epoch's state (weights, optimizer, scheduler, RNG, history) is a Ray Train
@@ -89,8 +89,8 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     )
     fit_called = time.time()
     # Ray Train takes seconds to start its controller and workers: the bar says what it waits for.
-    with Progress(f"train: starting {cfg.workers} Ray Train worker(s)", total=None, unit="step") as bar:
-        watch = ProgressWatch(out_dir, cfg.epochs, bar, on_epoch)
+    with console.progress(f"train: starting {cfg.workers} Ray Train worker(s)", total=None, unit="step") as bar:
+        watch = ProgressWatch(out_dir, cfg.epochs, bar, console, on_epoch)
         result = fit_interruptibly(trainer, watch)
     _write_timings(out_dir / EPOCHS_FILE, fit_called, time.time(), watch.on_epoch_s, out_dir / TIMINGS_FILE)
     if diverged.exists():
@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     best = best_epoch(state.history)
     if state.best_model is not None:  # early stopping: the trained weights are the best epoch's
         state = state.model_copy(update={"model": state.best_model, "best_model": None})
-        say(f"train: {'stopped after epoch ' + str(state.epoch) + ': ' + state.stop_reason if state.stop_reason else 'ran every epoch'}; "
+        console.say(f"train: {'stopped after epoch ' + str(state.epoch) + ': ' + state.stop_reason if state.stop_reason else 'ran every epoch'}; "
             f"the trained weights are epoch {best}'s (lowest val loss)")
     state.save(out_dir / CHECKPOINT_FILE)
     (out_dir / "history.json").write_text(json.dumps(state.history, indent=1))

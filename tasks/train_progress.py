@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from schemas.artifacts import write_atomic
-from tasks.console import Progress, say
+from tasks.console import Console, Progress
 
 PROGRESS_FILE = "progress.json"
 EPOCHS_FILE = "epochs.json"
@@ -62,8 +62,8 @@ def read(path: Path) -> Optional[dict]:
 class ProgressWatch:
     """The driver's side, called twice a second (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, epochs: int, bar: Progress, on_epoch: Optional[EpochCallback] = None):
-        self.dir, self.epochs, self.bar, self.on_epoch = Path(out_dir), epochs, bar, on_epoch
+    def __init__(self, out_dir: Path, epochs: int, bar: Progress, console: Console, on_epoch: Optional[EpochCallback] = None):
+        self.dir, self.epochs, self.bar, self.console, self.on_epoch = Path(out_dir), epochs, bar, console, on_epoch
         self.on_epoch_s = 0.0  # the driver's time in on_epoch, beside the loop, for the timings
         self.said_epoch: Optional[int] = None  # last epoch with a line; None before the first read
         self.said_resume = 0
@@ -87,18 +87,18 @@ class ProgressWatch:
             self.said_epoch = done["resumed_after"]
         if done["resumed_after"] and done["resumed_after"] != self.said_resume:  # a resumed run, or a restarted group
             self.said_resume = done["resumed_after"]
-            say(f"train: resuming after epoch {done['resumed_after']} from its checkpoint")
+            self.console.say(f"train: resuming after epoch {done['resumed_after']} from its checkpoint")
         for h in done["history"]:
             if h["epoch"] <= self.said_epoch:
                 continue
             self.said_epoch = h["epoch"]
             # On a terminal too: the bar goes when training ends, the epoch lines stay in the scrollback.
-            say(f"train epoch {h['epoch']}/{self.epochs} " + " ".join(
+            self.console.say(f"train epoch {h['epoch']}/{self.epochs} " + " ".join(
                 f"{k}={v:.4g}" for k, v in h.items() if k != "epoch" and not k.startswith("grad_")))
             for flag in ("grad_vanishing", "grad_exploding"):  # once per run: the curve reading repeats it
                 if h.get(flag) and flag not in self.said_notes:
                     self.said_notes.add(flag)
-                    say(f"train: gradients {flag.removeprefix('grad_')} at epoch {h['epoch']} "
+                    self.console.say(f"train: gradients {flag.removeprefix('grad_')} at epoch {h['epoch']} "
                         f"(first/last layer norm ratio {h['grad_first_to_last']:.2g}, largest norm {h['grad_norm_max']:.3g})")
             if self.on_epoch is not None:
                 t0 = time.perf_counter()

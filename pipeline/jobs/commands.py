@@ -11,7 +11,9 @@ def submit_command(args) -> int:
     """Submit the recipe of ``args`` as a Ray job (and follow it unless ``--no-wait``); the exit code."""
     from pipeline import recipes, session
     from pipeline.jobs import submit
-    from tasks.console import say
+    from tasks.console import Console
+
+    say = Console().say
 
     cfg = recipes.load(args.recipe, args.overrides)
     run_id, tags = session.run_identity(args.run_id, args.slot, args.schedule, cfg.name)
@@ -31,7 +33,9 @@ def schedule_command(args) -> int:
     from pipeline.jobs import schedule, slots, submit
     from schemas.errors import ConfigError
     from schemas.schedule import CronSchedule
-    from tasks.console import say
+    from tasks.console import Console
+
+    say = Console().say
 
     try:
         policy = CronSchedule(cron=args.cron, catchup=args.catchup, max_active=args.max_active, overlap=args.overlap)

@@ -18,11 +18,11 @@ def command(args) -> int:
     dims = plan.checked_space(cfg)  # a bad space is one line before anything starts
     search_id = session.check_run_id(args.search_id or session.new_id(cfg.name, "search"), "--search-id")
 
-    def work(tracker, say):
-        result = rounds.search(tracker.cfg, search_id, tracker, dims)
+    def work(tracker, console):
+        result = rounds.search(tracker.cfg, search_id, tracker, dims, console)
         report.record(tracker, result)
         evaluation = result.produced["evaluation"]
-        decision = tracker.gate(result.produced["raw"], say) if tracker.cfg.tracking.register_model else None
+        decision = tracker.gate(result.produced["raw"], console.say) if tracker.cfg.tracking.register_model else None
         tracker.finish("FINISHED", summary=headline(evaluation.metrics), tags=evaluation.tags)
         return result, evaluation, decision
 

@@ -40,7 +40,7 @@ from pipeline.search.trial import trial_main
 from pipeline.tracking.runs import TAG_RUN_ID, TAG_STAGE, Tracker
 from schemas.config import PipelineConfig
 from schemas.errors import ConfigError
-from tasks.console import say
+from tasks.console import Console
 
 TRIAL_MEMORY = 512 * 2**20  # bytes a trial's own process reserves
 # Tune settings for an embedded search: Ctrl-C must reach bnflow (which marks runs KILLED and says
@@ -54,7 +54,7 @@ TUNE_SETTINGS = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_CHDIR_TO_TRIAL_DIR": "
 
 
 # -- the search ------------------------------------------------------------------------------------
-def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str, S.Dim]) -> SearchResult:
+def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str, S.Dim], console: Console) -> SearchResult:
     """Run (or resume) search ``search_id`` end to end; the caller holds its lease and its open
     parent run (``tracker``).
 
@@ -64,7 +64,7 @@ def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     root = Path(cfg.storage).resolve() / search_id
-    data = runner.run(cfg, search_id, tracker, nodes=dag.select("ingest", "normalize"))
+    data = runner.run(cfg, search_id, tracker, nodes=dag.select("ingest", "normalize"), console=console)
     seconds["data_s"] = time.perf_counter() - t0
     given = {k: data[k] for k in ("data", "norm_stats")}
     outcomes: list[Outcome] = []
@@ -83,8 +83,8 @@ def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str
         spaces.append(current)
         trials = [Trial(f"r{r}-t{i:02d}", r, values)
                   for i, values in enumerate(S.sample(current, n, plan.round_seed(cfg.search.seed, r)), 1)]
-        say(f"search round {r}/{len(sizes)}: {n} trials in " + ", ".join(f"{k}={d}" for k, d in current.items()))
-        outcomes += _round(cfg, search_id, tracker, root, trials, given)
+        console.say(f"search round {r}/{len(sizes)}: {n} trials in " + ", ".join(f"{k}={d}" for k, d in current.items()))
+        outcomes += _round(cfg, search_id, tracker, root, trials, given, console)
     seconds["trials_s"] = time.perf_counter() - t_trials
     seconds["epochs_s"] = sum(o.epoch_seconds for o in outcomes)
 
@@ -92,20 +92,21 @@ def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str
     if best is None:
         raise ConfigError(f"search {search_id}: no trial completed; every one failed or diverged (see the trial runs' "
                           "bnflow.trial_status): lower the learning-rate range or add train.grad_clip_norm")
-    say(f"search: best trial {best.trial} ({cfg.search.metric}={best.score:.4f}): "
+    console.say(f"search: best trial {best.trial} ({cfg.search.metric}={best.score:.4f}): "
         + ", ".join(f"{k}={fmt(v)}" for k, v in best.values.items()))
     t_finish = time.perf_counter()
     winner = plan.trial_config(cfg, search_id, best.values)
-    trained = runner.run(winner, best.trial, _NoTracking(), nodes=dag.select("train"), given=given)  # complete: read from its manifest
+    trained = runner.run(winner, best.trial, _NoTracking(), nodes=dag.select("train"), given=given, console=console)  # complete: read from its manifest
     finish_cfg = winner.model_copy(update={"storage": cfg.storage})
-    produced = runner.run(finish_cfg, search_id, tracker, nodes=dag.select("recalibrate", "evaluate"),
+    produced = runner.run(finish_cfg, search_id, tracker, nodes=dag.select("recalibrate", "evaluate"), console=console,
                           given={**data, "trained": trained["trained"], "history": trained["history"]})
     seconds["finish_s"] = time.perf_counter() - t_finish
     seconds["wall_s"] = time.perf_counter() - t0
     return SearchResult(outcomes, best, produced, spaces, seconds)
 
 
-def _round(cfg: PipelineConfig, search_id: str, tracker: Tracker, root: Path, trials: list[Trial], given: dict) -> list[Outcome]:
+def _round(cfg: PipelineConfig, search_id: str, tracker: Tracker, root: Path, trials: list[Trial], given: dict,
+           console: Console) -> list[Outcome]:
     """One round's trials on Ray Tune; the outcomes of all of them (earlier attempts' included)."""
     import ray
     from ray import tune
@@ -119,7 +120,7 @@ def _round(cfg: PipelineConfig, search_id: str, tracker: Tracker, root: Path, tr
         path = root / TRIALS_DIR / t.id / RESULT_FILE
         if path.exists():
             done[t.id] = Outcome.load(path)
-            say(f"search trial {t.id}: {done[t.id].status} in an earlier attempt, not repeated")
+            console.say(f"search trial {t.id}: {done[t.id].status} in an earlier attempt, not repeated")
         else:
             todo.append(t)
     if not todo:
@@ -131,7 +132,7 @@ def _round(cfg: PipelineConfig, search_id: str, tracker: Tracker, root: Path, tr
     shared = {"search_id": search_id, "parent": tracker.parent_id, "uri": tracker.uri,
               "given": {k: (type(v).__name__, v.model_dump(mode="json")) for k, v in given.items()}}
     parallel = plan.concurrency(cfg, ray.cluster_resources().get("CPU", 1))
-    recorder = _Recorder(root / TRIALS_DIR, tracker, cfg.search.metric, budget, len(trials), len(done))
+    recorder = _Recorder(root / TRIALS_DIR, tracker, cfg.search.metric, budget, len(trials), len(done), console)
     trainable = tune.with_parameters(trial_main, shared=shared)
     tuner = tune.Tuner(
         # No CPU of its own: the trial's Ray Train workers reserve theirs (see the module docstring).
@@ -188,9 +189,10 @@ class _Recorder(Callback):
     """Tune callback in the driver: keeps each trial's reports, and when Tune is done with a trial
     writes its outcome beside it and marks its MLflow run."""
 
-    def __init__(self, trials_dir: Path, tracker: Tracker, metric: str, budget: int, total: int, done: int):
+    def __init__(self, trials_dir: Path, tracker: Tracker, metric: str, budget: int, total: int, done: int,
+                 console: Console):
         self.trials_dir, self.tracker, self.metric, self.budget = trials_dir, tracker, metric, budget
-        self.total, self.finished = total, done
+        self.total, self.finished, self.console = total, done, console
         self.reports: dict[str, list[dict]] = {}
         self.outcomes: dict[str, Outcome] = {}
 
@@ -225,7 +227,7 @@ class _Recorder(Callback):
         if client.get_run(out.run_id).info.status in ("RUNNING", "SCHEDULED"):
             client.set_terminated(out.run_id, "FAILED" if status == "failed" else "FINISHED")
         score = f"{self.metric}={out.score:.4f}" if out.score is not None else "no score"
-        say(f"search trial {out.trial} ({self.finished}/{self.total} of round {out.round}): {status}, {score}; "
+        self.console.say(f"search trial {out.trial} ({self.finished}/{self.total} of round {out.round}): {status}, {score}; "
             + ", ".join(f"{k.removeprefix('train.')}={fmt(v)}" for k, v in out.values.items())
             + ("" if status == "completed" else f" ({note})"))
 

@@ -67,3 +67,26 @@ def test_unknown_sink_is_a_wiring_error():
     nodes = (Node("a", f, "data", {"seed": "seed"}, {"r": int}, sinks={"log": "epoch_loger"}),)
     with pytest.raises(DagError, match="sink 'log' wants 'epoch_loger'.*did you mean 'epoch_logger'"):
         validate(nodes)
+
+
+def test_every_stage_that_reports_gets_the_runners_console():
+    """Stages never print (issue 21): a stage that reports progress takes a ``console`` parameter,
+    and the DAG binds it to the runner's console, so nothing a stage shows bypasses the runner."""
+    import inspect
+
+    from tasks.console import QUIET
+
+    for node in PIPELINE:
+        params = inspect.signature(node.fn).parameters
+        if "console" in params:
+            assert node.sinks.get("console") == "console", node.name
+            assert params["console"].default is QUIET, node.name  # called on its own: silent
+
+
+def test_a_quiet_console_shows_nothing(capsys):
+    from tasks.console import QUIET
+
+    QUIET.say("hello")
+    with QUIET.progress("x", total=3) as bar:
+        bar.update(3)
+    assert capsys.readouterr() == ("", "")

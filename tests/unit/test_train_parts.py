@@ -145,7 +145,7 @@ def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, 
     goes back to an earlier epoch."""
     import json
 
-    from tasks.console import Progress
+    from tasks.console import Console
     from tasks.train_progress import EPOCHS_FILE, ProgressWatch
 
     monkeypatch.setenv("BNFLOW_PROGRESS", "0")  # a log, where each epoch has its line
@@ -159,8 +159,9 @@ def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, 
         history = [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, epochs + 1)]
         path.write_text(json.dumps({"resumed_after": resumed_after, "history": history, "clock": {"marks": {}, "spans": {}}}))
 
-    with Progress("train", total=None) as bar:
-        watch = ProgressWatch(tmp_path, 6, bar, on_epoch)
+    console = Console()
+    with console.progress("train", total=None) as bar:
+        watch = ProgressWatch(tmp_path, 6, bar, console, on_epoch)
         watch()  # no file yet
         write(resumed_after=1, epochs=1)  # resumed after epoch 1: already logged by the earlier attempt
         watch()
