@@ -20,7 +20,8 @@ from typing import Callable, Optional
 from schemas import artifacts as A
 from schemas.config import PipelineConfig
 from tasks.evaluate import evaluate
-from tasks.ingest import ingest, source_fingerprint
+from tasks.ingest import ingest
+from tasks.source import source_fingerprint
 from tasks.normalize import normalize
 from tasks.recalibrate import recalibrate
 from tasks.train import train

@@ -84,7 +84,7 @@ def tracked(cfg, run_id: str, tags: dict, work: Callable, resume: str, kind: str
     from pipeline.tracking.runs import Tracker
     from pipeline.tracking.uri import check_reachable
     from tasks.console import Console
-    from tasks.ingest import check_source
+    from tasks.source import check_source
 
     console = Console()  # the command's one console: the runner and every stage report through it
     cfg = credentials_out_of_config(cfg)

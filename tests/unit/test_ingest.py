@@ -11,7 +11,8 @@ import pytest
 from schemas import arrow
 from schemas.config import DataConfig
 from schemas.errors import DataError
-from tasks.ingest import check_source, ingest
+from tasks.ingest import ingest
+from tasks.source import check_source
 from tests.conftest import FASHION_MNIST
 
 

@@ -95,15 +95,21 @@ def test_a_silent_owner_on_another_node_is_taken_over_after_stale_after_s(tmp_pa
     os.utime(path, (future, future))
     with pytest.raises(RunLocked, match="in use by host elsewhere pid 1 since then"):
         Lease(tmp_path, "r1", heartbeat_s=0.05, stale_after_s=0.3).acquire()  # wait=False never judges staleness
+    taker = _taken_over_after(tmp_path, 0.3)
+    assert not (tmp_path / f"{LEASE_FILE}.{token}.beat").exists()  # the dead owner's beat file is cleared away
+    taker.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _taken_over_after(tmp_path, at_least_s: float) -> Lease:
+    """A waiting taker's lease on ``tmp_path``, taken no sooner than ``at_least_s`` by its own clock."""
     taker = Lease(tmp_path, "r1", heartbeat_s=0.05, stale_after_s=0.3)
     t0 = time.monotonic()
     taken = _acquire_in_background(taker, wait=True, poll_s=0.02)
     assert taken.wait(10)
-    assert time.monotonic() - t0 >= 0.3
-    assert json.loads(path.read_text())["token"] == taker.owner["token"]
-    assert not (tmp_path / f"{LEASE_FILE}.{token}.beat").exists()  # the dead owner's beat file is cleared away
-    taker.release()
-    assert list(tmp_path.iterdir()) == []
+    assert time.monotonic() - t0 >= at_least_s
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == taker.owner["token"]
+    return taker
 
 
 def test_an_owner_whose_lease_file_vanishes_stops_and_says_so(tmp_path):
@@ -213,11 +219,6 @@ def test_a_claim_left_by_a_taker_that_died_does_not_block_the_lease_forever(tmp_
     path, token = tmp_path / LEASE_FILE, "9" * 32
     _write_lease(path, token=token, host="elsewhere", node=OTHER_NODE, pid=1)
     os.link(path, tmp_path / f"{LEASE_FILE}.taking-{token}")
-    taker = Lease(tmp_path, "r1", heartbeat_s=0.05, stale_after_s=0.3)
-    t0 = time.monotonic()
-    taken = _acquire_in_background(taker, wait=True, poll_s=0.02)
-    assert taken.wait(10)
-    assert time.monotonic() - t0 >= 0.6
-    assert json.loads(path.read_text())["token"] == taker.owner["token"]
+    taker = _taken_over_after(tmp_path, 0.6)
     taker.release()
     assert list(tmp_path.iterdir()) == []
