@@ -92,9 +92,17 @@ def log(module, name: str, class_names: list[str], feature_names: Optional[list[
     with warnings.catch_warnings():  # "integer columns cannot hold missing values": predicted_class never misses
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         signature = infer_signature(example, served.predict(None, example))
-    # Model.log, the call under mlflow.pyfunc.log_model, takes the run by id: no active run needed.
+    model_id = None
+    if run_id is not None:
+        # Model.log (the call under mlflow.pyfunc.log_model) takes the run by id, but would make the
+        # logged model in the process's active experiment: make it in the run's own, where
+        # runs:/RUN_ID/NAME finds it and beside the run's artifacts.
+        client = mlflow.MlflowClient()
+        model_id = client.create_logged_model(experiment_id=client.get_run(run_id).info.experiment_id, name=name,
+                                              source_run_id=run_id).model_id
     return Model.log(
-        artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=served, signature=signature,
+        artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model_id, python_model=served,
+        signature=signature,
         input_example=example,
         code_paths=[str(PROJECT_ROOT / d) for d in ("tasks", "schemas", "pipeline")],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic", "pyarrow",
