@@ -1,6 +1,7 @@
-"""The process-wide settings of a bnflow command, made in one place: ``configure`` is the first
-thing ``pipeline.cli.main`` does. Importing ``pipeline`` (which every serving process of a logged
-model does) changes nothing.
+"""The process-wide settings of a bnflow command, made in one place: ``pipeline.cli.main`` calls
+``configure`` right after parsing the arguments, before a command imports any library
+(``show-config``, which imports none, skips it). Importing ``pipeline`` (which every serving process
+of a logged model does) changes nothing.
 
 What the libraries would otherwise put on a user's console: Ray's and MLflow's INFO chatter (store
 creation, migrations, a "View run" line per run end), their progress bars, and warnings known to say

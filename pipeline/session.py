@@ -1,6 +1,6 @@
 """A tracked run's session: everything around the work of ``run`` and ``search``.
 
-In order: the checks that answer in a second (source files, storage, tracking server, Ray address),
+In order: the checks that answer in a second (source files, tracking server, Ray address, storage),
 the run id's lease, the refusal to resume with another config, Ray (and its resource check), the
 MLflow parent run, then the work. Ctrl-C (130) and SIGTERM (143) stop the workers and mark the open
 runs KILLED; a failure marks them FAILED. A run refused before its work starts leaves nothing behind:

@@ -73,7 +73,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_name_per_class(self):
-        # A parquet source without data.num_classes learns its count from the labels: tasks/ingest.py checks the names then.
+        # A parquet source without data.num_classes learns its count from the labels: tasks/source.py checks the names then.
         k = self.num_classes or (BUILTIN_CLASSES if self.source != "parquet" else None)
         if self.class_names is not None and k is not None and len(self.class_names) != k:
             raise ValueError(f"data.class_names has {len(self.class_names)} names for data.num_classes={k}; "

@@ -1,5 +1,5 @@
 """Arrow/Parquet helpers shared by the stages: the split writer, digests, zero-copy NumPy views.
-Reading is ``tasks.reader``'s."""
+Reading rows is ``tasks.reader``'s; footers are read here (``check_split``, ``read_schema``)."""
 
 from __future__ import annotations
 

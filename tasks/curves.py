@@ -1,4 +1,4 @@
-"""Reading the train and val loss curves the way the course notes do: five cases and what to do next.
+"""Reading the train and val loss curves the way the course notes do: the cases below and what to do next.
 
 The reading looks at the curves' recent trend over ``window`` points (epochs for the train loss, val
 evaluations for the val loss) with the thresholds of ``CurvesConfig``, in this order -- the first

@@ -1,8 +1,9 @@
 """Normalize stage: fit statistics on the train split in one distributed pass, apply them to every split.
 
-Fit: every Parquet file of the train split is reduced in a Ray task to per-feature (or
-per-channel) count, mean, M2 (float64, two-pass within the file), min and max; the driver merges
-the moments with Chan's parallel merge (``tasks.moments``). Apply: every split is transformed
+Fit: the train split's files are cut into groups (about two per CPU), each reduced in a Ray task,
+row group by row group (``tasks.reader``), to per-feature (or per-channel) count, mean, M2 (float64,
+two-pass within a row group), min and max; the task and then the driver merge the moments with
+Chan's parallel merge (``tasks.moments``). Apply: every split is transformed
 with the train statistics only, never refitted.
 
 Note that ``standard`` divides by the POPULATION standard deviation sqrt(M2 / n), as scikit-learn's

@@ -1,4 +1,6 @@
-"""The one reader of split data: every stage, the champion gate and ``adapt`` read Parquet here.
+"""The one reader of split rows: every stage, the champion gate and ``adapt`` read Parquet rows here.
+(Checks that need only a file's footer -- its schema, its column statistics -- read the footer
+directly: ``tasks.arrow_io.check_split`` and ``tasks.source``.)
 
 A ``Split`` is a list of Parquet files in order; its rows are numbered globally over the files. It
 reads their footers once (row counts, row groups, schema) and then reads by row group, never a whole
@@ -7,8 +9,10 @@ optional per-batch ``transform``: where decoding, normalization and augmentation
 reads the rows at given global indices from only the row groups that hold them.
 
 Files are opened through ``pyarrow.fs``: a local path or any URI pyarrow has a filesystem for, one
-code path. The files of a stage's output come from its manifest (``SplitInfo.files``), never from
-listing a directory: a reader trusts only what a complete stage says it wrote.
+code path. The files of a stage's output come from its manifest (``SplitInfo.files``), not from
+listing a directory: a reader trusts only what a complete stage says it wrote (a manifest written
+before the field existed is read by listing its split's directory, ``arrow_io.split_files``).
+Data no stage wrote (a user's source, ``adapt``'s new rows) is found by ``list_parquet``.
 """
 
 from __future__ import annotations

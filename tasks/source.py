@@ -63,7 +63,7 @@ def check_source(cfg: DataConfig) -> None:
     Parquet files are readable and have the configured columns with usable types; every file has the
     same features; and, where the footers carry column statistics (min, max, null count), no null
     labels or features and labels that fit the class rules of ``class_count``. Footers do not count
-    NaN or inf: ingest and normalize check those in the rows.
+    NaN or inf: normalize checks those in the rows (``normalize.nonfinite``).
 
     Raises:
         DataError: naming the file or field and the fix.

@@ -1,6 +1,6 @@
 """A search's plan, decided before anything runs: the space checked against the config, the
 rounds and their seeds, how many trials run at once, each trial's config, and the ranking of what
-the trials came to. Pure logic; the driver (``rounds``) and the report (``report``) use it."""
+the trials came to. No Ray, no MLflow; the driver (``rounds``) and the report (``report``) use it."""
 
 from __future__ import annotations
 

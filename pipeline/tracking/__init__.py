@@ -6,6 +6,7 @@
 - ``served``: the model bnflow logs (raw rows in, probabilities out).
 - ``registry``: the champion gate.
 
-Stages never touch MLflow. The commands that make runs of their own (``search`` for its trials,
-``adapt`` for an adapted model) do it through these modules.
+Stages never touch MLflow. Two commands make runs of their own beside these: ``search``'s driver
+creates one run per trial with the tracker's client (``pipeline.search.rounds``), and ``adapt``
+logs its one run with MLflow's fluent API (``pipeline.adapt``); both log models through ``served``.
 """

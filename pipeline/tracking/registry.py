@@ -118,6 +118,18 @@ def gate(client, name: str, run_id: str, model_uri: str, x: np.ndarray, y: np.nd
     Raises:
         RegistryUnavailable: the registry did not answer; nothing was decided (a rerun decides).
     """
+    try:
+        return _gate(client, name, run_id, model_uri, x, y, cfg, feature_names, say, score)
+    except RegistryUnavailable:
+        raise
+    except Exception as e:  # any call to the registry: an outage is not a decision, a bug stays a bug
+        if is_transient(e):
+            raise RegistryUnavailable(f"model registry for {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                                      "nothing was decided, rerun to decide") from e
+        raise
+
+
+def _gate(client, name, run_id, model_uri, x, y, cfg, feature_names, say, score) -> Decision:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -134,7 +146,7 @@ def gate(client, name: str, run_id: str, model_uri: str, x: np.ndarray, y: np.nd
                         t.get("bnflow.gate_champion_version"))
     else:
         version = version.version
-    candidate = _unless_unavailable(score, f"models:/{name}/{version}", x, y, feature_names)
+    candidate = score(f"models:/{name}/{version}", x, y, feature_names)
     try:
         champion_version = client.get_model_version_by_alias(name, ALIAS).version
     except MlflowException as e:
@@ -165,15 +177,6 @@ def gate(client, name: str, run_id: str, model_uri: str, x: np.ndarray, y: np.nd
             client.set_model_version_tag(name, version, k, v)
     client.set_model_version_tag(name, version, "bnflow.gate", tags["bnflow.gate"])
     return decision
-
-
-def _unless_unavailable(score, uri: str, x, y, feature_names):
-    try:
-        return score(uri, x, y, feature_names)
-    except Exception as e:
-        if is_transient(e):
-            raise RegistryUnavailable(f"{uri} could not be fetched: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        raise
 
 
 def _version_of(client, name: str, run_id: str):

@@ -235,7 +235,7 @@ class _StageRun:
                     self.client.log_artifact(self.run_id, f)
 
     def _fill_epoch_gaps(self, epochs: list[dict]) -> None:
-        """Log the epochs of ``epochs`` that the workers' logger could not (a tracking outage, a
+        """Log the epochs of ``epochs`` that the driver's epoch logger could not (a tracking outage, a
         crash between checkpoint and log); steps already present are never logged twice."""
         missing = []
         for key in sorted({k for e in epochs for k in e if k != "epoch"}):

@@ -1,7 +1,7 @@
 """Models: softmax classifiers (they return logits) with BatchNorm after every hidden layer.
 
 ``build_model`` knows nothing of DDP or SyncBatchNorm: distribution wraps the model from outside
-(``tasks.train``). Layers followed by BatchNorm have no bias: BN's beta makes it redundant.
+(``tasks.train_loop.distribute``). Layers followed by BatchNorm have no bias: BN's beta makes it redundant.
 """
 
 from __future__ import annotations

@@ -63,13 +63,16 @@ def test_a_terminal_sees_one_line_per_stage_a_training_bar_and_the_run_link(mlfl
          "--set", "tracking.experiment=console", "--set", "train.epochs=3"])
     assert code == 0, out + terminal
 
-    # stdout: bnflow's lines only -- one per stage, no "running" lines (the bar says that), the summary.
+    # stdout: bnflow's lines only -- one per stage and per epoch, no "running" lines (the bar says that), the summary.
     lines = [line for line in out.splitlines() if line.strip()]
     stage_lines = [line for line in lines if re.match(r"\[bnflow\] stage \d/5 ", line)]
     assert [re.match(r"\[bnflow\] stage \d/5 (\w+): done in", line).group(1) for line in stage_lines] == \
         ["ingest", "normalize", "train", "recalibrate", "evaluate"]
     assert all(line.startswith(("[bnflow]", "  ")) for line in lines), lines
-    assert not [line for line in lines if "train epoch" in line]  # on a terminal the bar shows epochs
+    # One line per finished epoch on a terminal too: the bar goes when training ends, and these stay
+    # in the scrollback (issue 21: a terminal kept no record of the epochs).
+    assert [re.match(r"\[bnflow\] train epoch (\d)/3 ", line).group(1) for line in lines if "train epoch" in line] == \
+        ["1", "2", "3"]
 
     # The terminal (stderr): tqdm frames of the training bar up to its last step, and nothing else --
     # no Ray or MLflow log lines, no warnings.

@@ -86,3 +86,14 @@ def test_transient_is_read_through_the_chain_of_causes():
         assert registry.is_transient(wrapped)
     assert not registry.is_transient(ValueError("wrong feature count"))
     assert not registry.is_transient(MlflowException("Failed to enforce schema"))  # MLflow's generic error
+
+
+def test_an_outage_at_any_registry_call_is_one_retryable_error():
+    """The registry going away while the decision is written (alias, tags) is the same retryable
+    error as during scoring, not a traceback."""
+    client = FakeClient()
+    client.set_registered_model_alias = lambda *a: (_ for _ in ()).throw(requests.exceptions.ConnectionError("reset"))
+    better = lambda uri, x, y, names: 0.95 if not uri.endswith("@champion") else 0.5  # noqa: E731
+    with pytest.raises(registry.RegistryUnavailable, match="nothing was decided, rerun to decide"):
+        registry.gate(client, "m", "run", "uri", X, Y, GateConfig(), say=lambda _: None, score=better)
+    assert ("2", "bnflow.gate") not in client.tags  # the decision tag goes last: no decision recorded
