@@ -41,6 +41,7 @@ bench: setup data
 	$(PY) -m benchmarks.syncbn
 	$(PY) -m benchmarks.normalize
 	$(PY) -m benchmarks.parquet_io
+	$(PY) -m benchmarks.progress_cost
 	$(PY) -m benchmarks.pipeline_vs_ddp
 	$(PY) -m benchmarks.train_start
 	$(PY) -m benchmarks.search

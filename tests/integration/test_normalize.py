@@ -11,6 +11,7 @@ from schemas.artifacts import Dataset, NormStats
 from schemas.config import DataConfig, NormalizeConfig
 from schemas.errors import DataError, SchemaMismatch
 from tasks import arrow_io
+from tasks.console import Console
 from tasks.ingest import ingest
 from tasks.normalize import normalize
 
@@ -58,9 +59,9 @@ def test_per_feature_minmax_and_constant_features_centred(tmp_path, capsys):
     train[:, 2] = 7.0  # constant feature
     test = rng.normal(5, 2, size=(50, 4)).astype(np.float32)
     raw = _dataset(tmp_path, {"train": train, "val": train[:20], "test": test})
-    out, sf = normalize(NormalizeConfig(method="standard", per="feature"), raw, tmp_path / "std")
+    out, sf = normalize(NormalizeConfig(method="standard", per="feature"), raw, tmp_path / "std", console=Console())
     printed = capsys.readouterr().out
-    assert "constant feature(s)" in printed and "[2]" in printed
+    assert "constant feature(s)" in printed and "[2]" in printed  # said through the console it was given
     xn, _ = _x(out.splits["train"])
     assert np.all(xn[:, 2] == 0.0) and np.all(np.isfinite(xn))
     t64 = train.astype(np.float64)
