@@ -268,7 +268,7 @@ class EvaluateConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """When a registered model becomes the champion (pipeline/registry.py)."""
+    """When a registered model becomes the champion (pipeline/tracking/registry.py)."""
 
     min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="Test accuracy the candidate must reach at least.")
     min_improvement: float = Field(
@@ -286,7 +286,7 @@ class TrackingConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """Hyperparameter search (``python -m pipeline search``; pipeline/search.py): random trials of
+    """Hyperparameter search (``python -m pipeline search``; pipeline/search/): random trials of
     the train stage on Ray Tune, successive halving of the bad ones, coarse-to-fine rounds."""
 
     space: dict[str, str] = Field(
