@@ -13,7 +13,6 @@ import _thread
 import os
 import re
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -150,9 +149,13 @@ def _on_sigterm(signum, frame):
 
 
 def _remove_if(fresh: bool, root: Path) -> None:
-    """A run directory this attempt made, removed after a refusal: a refused run leaves nothing."""
-    if fresh and root.exists():
-        shutil.rmtree(root, ignore_errors=True)
+    """A run directory this attempt made, removed after a refusal if it is empty: a refused run
+    leaves nothing, and never removes what another process (the lease's winner) put there."""
+    if fresh:
+        try:
+            root.rmdir()
+        except OSError:
+            pass
 
 
 def _stop_quietly(tracker) -> None:

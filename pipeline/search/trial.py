@@ -7,17 +7,24 @@ This is the one place where a trial's epochs are reported to Tune (``report``).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 from pipeline import dag, runner
-from pipeline.tracking.runs import Tracker
 from schemas import artifacts as A
 from schemas.config import PipelineConfig
 from schemas.errors import TrainingDiverged
 
 
 def trial_main(config: dict, shared: dict) -> None:
-    """A Tune function trainable: the train node of the DAG for one trial's config."""
+    """A Tune function trainable: the train node of the DAG for one trial's config.
+
+    It runs in a Tune actor, which on a cluster is not a child of the command's process: the
+    process settings of ``pipeline.quiet.configure`` that MLflow needs (telemetry off) are made here,
+    before MLflow is imported."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from pipeline.tracking.runs import Tracker
+
     spec = config["spec"]
     cfg = PipelineConfig.model_validate(spec["cfg"])
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": shared["uri"]})})
@@ -42,7 +49,7 @@ class TrialTracking:
     Tune, and no logged model (16 trials, 16 models nobody serves: the winner's recalibrated model
     is logged by the search's recalibrate stage)."""
 
-    def __init__(self, tracker: Tracker):
+    def __init__(self, tracker):
         self.tracker = tracker
 
     def stage_skipped(self, stage: str, section, derived=None, outputs: Optional[dict] = None) -> None:

@@ -114,8 +114,10 @@ class RestStore:
         except (requests.exceptions.RequestException, MlflowException) as e:  # MLflow wraps the transport's errors
             cause = e.__cause__ or e.__context__ or e
             raise Outage(type(cause).__name__) from None
-        if response.status_code != 200:
+        if response.status_code == 429 or response.status_code >= 500:
             raise Outage(f"HTTP {response.status_code} from {endpoint}")
+        if response.status_code != 200:  # a request the server refuses: a bug, not an outage
+            raise RuntimeError(f"MLflow refused {endpoint}: HTTP {response.status_code} {response.text[:200]}")
         return response.json()
 
     def status(self, run_id: str) -> str:

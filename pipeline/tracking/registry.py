@@ -83,7 +83,10 @@ def is_transient(error: BaseException) -> bool:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
-                              requests.exceptions.Timeout)):
+                              requests.exceptions.Timeout, requests.exceptions.RetryError)):
+            return True
+        if isinstance(error, requests.exceptions.HTTPError) and error.response is not None and (
+                error.response.status_code == 429 or error.response.status_code >= 500):
             return True
         # Not every 500: MLflow raises its generic INTERNAL_ERROR for models that refuse their input too.
         if isinstance(error, MlflowException) and error.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):

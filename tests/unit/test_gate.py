@@ -97,3 +97,15 @@ def test_an_outage_at_any_registry_call_is_one_retryable_error():
     with pytest.raises(registry.RegistryUnavailable, match="nothing was decided, rerun to decide"):
         registry.gate(client, "m", "run", "uri", X, Y, GateConfig(), say=lambda _: None, score=better)
     assert ("2", "bnflow.gate") not in client.tags  # the decision tag goes last: no decision recorded
+
+
+@pytest.mark.parametrize("status", [502, 503, 429])
+def test_a_gateway_error_after_mlflows_retries_is_an_outage(status):
+    """MLflow's retries on 429/5xx end in requests' RetryError or HTTPError: still an outage."""
+    response = requests.models.Response()
+    response.status_code = status
+    for outage in (requests.exceptions.RetryError("too many 5xx"), requests.exceptions.HTTPError(response=response)):
+        client = FakeClient()
+        with pytest.raises(registry.RegistryUnavailable):
+            registry.gate(client, "m", "run", "uri", X, Y, GateConfig(), say=lambda _: None, score=scorer(outage))
+        assert client.tags == {}
