@@ -17,7 +17,6 @@ Data no stage wrote (a user's source, ``adapt``'s new rows) is found by ``list_p
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -116,9 +115,6 @@ class Split:
             return (self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])).empty_table()
         table = pa.concat_tables(parts)
         return table.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
-
-    def group_of(self, row: int) -> RowGroup:
-        return self.row_groups[bisect.bisect_right(self._starts, row) - 1]
 
 
 def _parquet(path: str) -> pq.ParquetFile:
