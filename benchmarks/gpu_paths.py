@@ -38,7 +38,7 @@ def _lenet(sync: bool) -> nn.Module:
     from tasks.nn.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="lenet"), 784, 10, (1, 28, 28))
+    model = build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10)
     return convert_sync_batchnorm(model) if sync else model
 
 

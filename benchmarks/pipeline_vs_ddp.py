@@ -55,12 +55,12 @@ def _plain_ddp(rank, port, epochs, queue, t_spawn):
     t_start = time.perf_counter()
     (x, y), (xt, yt) = _fashion_mnist(Path(FASHION_MNIST_DIR))
     mean, std = x.mean(), x.std()
-    x, xt = torch.from_numpy((x - mean) / std), torch.from_numpy((xt - mean) / std)
+    x, xt = torch.from_numpy((x - mean) / std).view(-1, 1, 28, 28), torch.from_numpy((xt - mean) / std).view(-1, 1, 28, 28)
     y, yt = torch.from_numpy(y), torch.from_numpy(yt)
     x, y = x[rank::2], y[rank::2]
     data_s = time.perf_counter() - t_start
     torch.manual_seed(0)
-    model = build_model(cfg.model, 784, 10, (1, 28, 28))
+    model = build_model(cfg.model, (1, 28, 28), 10)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = build_optimizer(cfg.optimizer, model)
     sched = build_scheduler(cfg.schedule, opt, cfg.epochs)

@@ -62,7 +62,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="mlp", hidden=(256, 128)), 64, 10, None)
+    model = build_model(ModelConfig(kind="mlp", hidden=(256, 128)), (64,), 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     keys = ("train_loss", "train_accuracy", "lr", "epoch_seconds", "val_loss", "val_accuracy", "grad_norm_max",

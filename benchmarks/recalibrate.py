@@ -38,7 +38,7 @@ def _rows(n: int) -> torch.Tensor:
 
     (x, _), _ = _fashion_mnist(Path(FASHION_MNIST_DIR))
     x = x[:n].astype("float32")
-    return torch.from_numpy((x - x.mean()) / x.std())
+    return torch.from_numpy((x - x.mean()) / x.std()).view(-1, 1, 28, 28)
 
 
 def _model():
@@ -46,7 +46,7 @@ def _model():
     from tasks.nn.models import build_model
 
     torch.manual_seed(0)
-    return build_model(ModelConfig(kind="lenet", init="kaiming"), 784, 10, (1, 28, 28))
+    return build_model(ModelConfig(kind="lenet", init="kaiming"), (1, 28, 28), 10)
 
 
 def _worker(rank: int, world: int, args) -> dict:

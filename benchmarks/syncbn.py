@@ -39,7 +39,7 @@ def _fashion_mnist(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     (x, y), _ = _fashion_mnist(Path(FASHION_MNIST_DIR))
     x = (x[:n] - x.mean()) / x.std()
-    return torch.from_numpy(x), torch.from_numpy(y[:n])
+    return torch.from_numpy(x).view(-1, 1, 28, 28), torch.from_numpy(y[:n])  # as the train stage shapes images
 
 
 def _models():
@@ -48,9 +48,9 @@ def _models():
     from tasks.nn.models import build_model
 
     torch.manual_seed(0)
-    local = build_model(ModelConfig(kind="lenet"), 784, 10, (1, 28, 28))
+    local = build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10)
     torch.manual_seed(0)
-    sync = convert_sync_batchnorm(build_model(ModelConfig(kind="lenet"), 784, 10, (1, 28, 28)))
+    sync = convert_sync_batchnorm(build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10))
     return {"local": local, "sync": sync}
 
 

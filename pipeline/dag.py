@@ -27,7 +27,8 @@ from tasks.recalibrate import recalibrate
 from tasks.train import train
 
 # Values the runner supplies itself rather than a stage; they are part of a stage's cache key.
-RUNTIME_VALUES = ("seed",)
+# ``weights`` is the warm start (``pipeline.warm_start``), None unless a caller hands it in ``given``.
+RUNTIME_VALUES = ("seed", "weights")
 # What the runner supplies per stage run; they receive results and do not shape them: the per-epoch
 # metrics logger, and the console every stage reports its progress through (stages never print).
 SINKS = ("epoch_logger", "console")
@@ -55,7 +56,7 @@ PIPELINE: tuple[Node, ...] = (  # a search walks parts of it: the data stages on
     Node("ingest", ingest, "data", {"seed": "seed"}, {"raw": A.Dataset}, source=source_fingerprint),
     Node("normalize", normalize, "normalize", {"raw": "raw"}, {"data": A.Dataset, "norm_stats": A.NormStatsFile},
          sinks=SHOWN),
-    Node("train", train, "train", {"data": "data", "norm_stats": "norm_stats", "seed": "seed"},
+    Node("train", train, "train", {"data": "data", "norm_stats": "norm_stats", "seed": "seed", "weights": "weights"},
          {"trained": A.Checkpoint, "history": A.TrainHistory}, sinks={"on_epoch": "epoch_logger", **SHOWN},
          params=lambda section: {"train.bn_mode": section.bn_mode},  # the resolved mode, not just the knob
          resumable=True),

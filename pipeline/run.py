@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def command(args) -> int:
     """Run (or resume) the recipe of ``args``; returns the exit code."""
@@ -11,9 +13,10 @@ def command(args) -> int:
     run_id, tags = session.run_identity(args.run_id, args.slot, args.schedule, cfg.name)
 
     def work(tracker, console):
-        from pipeline import runner
+        from pipeline import runner, warm_start
 
-        produced = runner.run(tracker.cfg, run_id, tracker, console=console)
+        given = warm_start.given(tracker.cfg, Path(tracker.cfg.storage).resolve() / run_id)
+        produced = runner.run(tracker.cfg, run_id, tracker, given=given, console=console)
         evaluation = produced["evaluation"]
         decision = tracker.gate(produced["raw"], console.say) if tracker.cfg.tracking.register_model else None
         # The headline numbers on the parent; per-class ones stay on the evaluate run.

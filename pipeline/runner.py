@@ -64,7 +64,7 @@ def run(cfg: PipelineConfig, run_id: str, tracker, nodes: tuple[Node, ...] = PIP
     order = validate(nodes, given=tuple(given or ()))
     console = console or Console()
     root = Path(cfg.storage).resolve() / run_id
-    produced: dict = {**(given or {}), "seed": cfg.seed}
+    produced: dict = {"weights": None, **(given or {}), "seed": cfg.seed}
     for i, node in enumerate(order, 1):
         section = getattr(cfg, node.config)
         made_from = _made_from(node, section, produced)
@@ -153,7 +153,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 def _made_from(node: Node, section, produced: dict) -> dict:
     """What a stage's result depends on: its config, its seed, its inputs' contents, its source."""
     inputs = {p: artifact_digest(produced[a]) for p, a in node.inputs.items() if a not in RUNTIME_VALUES}
-    runtime = {p: produced[a] for p, a in node.inputs.items() if a in RUNTIME_VALUES}
+    runtime = {p: artifact_digest(produced[a]) if isinstance(produced[a], BaseModel) else produced[a]
+               for p, a in node.inputs.items() if a in RUNTIME_VALUES}
     made = {"config": config_hash(section), "runtime": runtime, "inputs": inputs}
     if node.source is not None:
         made["source"] = node.source(section)

@@ -83,11 +83,14 @@ def tracked(cfg, run_id: str, tags: dict, work: Callable, resume: str, kind: str
     from pipeline.tracking.runs import Tracker
     from pipeline.tracking.uri import check_reachable
     from tasks.console import Console
+    from tasks.nn.network import check_network
     from tasks.source import check_source
 
     console = Console()  # the command's one console: the runner and every stage report through it
     cfg = credentials_out_of_config(cfg)
-    check_source(cfg.data)  # bad source files answer in a second, before Ray or MLflow start
+    shape = check_source(cfg.data)  # bad source files answer in a second, before Ray or MLflow start
+    if shape.input_shape is not None:  # and a network that cannot train on them
+        check_network(cfg.train.model, shape.input_shape, shape.num_classes, console.say)
     check_reachable(Tracker.uri_for(cfg))
     cluster.check_reachable()
     root = Path(cfg.storage).resolve() / run_id

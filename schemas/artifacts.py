@@ -44,10 +44,17 @@ class Dataset(_Artifact):
     image_shape: Optional[tuple[int, int, int]] = None
     feature_names: Optional[list[str]] = Field(
         None, description="A wide table's feature columns, in feature order; the served model takes them by name.")
+    features_column: str = Field("features", description="The source's list column of features (data.features_column); "
+                                                        "what the served model and adapt call a row's features.")
     class_names: Optional[list[str]] = Field(None, description="A name per class in label order; unset: the label numbers.")
 
     def split(self, name: str) -> SplitInfo:
         return self.splits[name]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example as networks take it: (C, H, W) for images, (D,) for tabular rows."""
+        return tuple(self.image_shape) if self.image_shape else (self.num_features,)
 
 
 class NormStatsFile(_Artifact):
@@ -60,6 +67,14 @@ class Checkpoint(_Artifact):
     digest: str = Field(description="sha256 of the file.")
     epoch: int = Field(description="Epochs completed when it was written.")
     bn_mode: str = Field(description="BatchNorm mode the weights were trained with.")
+
+
+class Weights(_Artifact):
+    """A warm start's tensors (train.model.weights), as the train stage reads them."""
+
+    path: str = Field(description="A state dict or bnflow checkpoint file: a local path or a URI pyarrow.fs reads.")
+    digest: str = Field(description="sha256 of the file: a changed file is a different input.")
+    source: str = Field(description="What train.model.weights named (a path, URI or MLflow model URI).")
 
 
 class TrainHistory(_Artifact):
@@ -150,10 +165,24 @@ class ModelSpec(_Artifact):
     num_classes: int
     image_shape: Optional[tuple[int, int, int]] = None
     feature_names: Optional[list[str]] = None  # a wide table's columns: the served model's input names
+    features_column: str = "features"  # else the list column the source called a row's features
     class_names: Optional[list[str]] = None  # the served model's names of its outputs; unset: label numbers
 
     def names(self) -> list[str]:
         return self.class_names or [str(i) for i in range(self.num_classes)]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example as the network takes it: (C, H, W) for images, (D,) for tabular rows."""
+        return tuple(self.image_shape) if self.image_shape else (self.num_features,)
+
+
+class Network(_Artifact):
+    """A network as built: the import path and every keyword argument, so a checkpoint is rebuilt
+    from itself (``tasks.nn.network.construct``)."""
+
+    class_path: str = Field(description="'package.module:Name' of the class or function that built it.")
+    init_args: dict[str, Any] = Field(description="Its keyword arguments, those bnflow passed (num_classes, ...) included.")
 
 
 class CheckpointState(_Artifact):
@@ -172,6 +201,8 @@ class CheckpointState(_Artifact):
     bn_mode: str
     spec: ModelSpec
     norm_stats: NormStats = Field(description="Statistics the inputs were normalized with; the served model applies them.")
+    network: Optional[Network] = Field(None, description="How to rebuild the network; unset in checkpoints written "
+                                                          "before 2026-12-01 (rebuilt from config['model']).")
     model: dict[str, Any] = Field(description="Plain-BatchNorm state dict (tensors).")
     optimizer: Optional[dict[str, Any]] = None
     scheduler: Optional[dict[str, Any]] = None
@@ -185,9 +216,10 @@ class CheckpointState(_Artifact):
     def save(self, path: Path) -> None:
         import torch
 
-        body = self.model_dump(exclude={"spec", "norm_stats"})
+        body = self.model_dump(exclude={"spec", "norm_stats", "network"})
         body["spec"] = self.spec.model_dump(mode="json")
         body["norm_stats"] = self.norm_stats.model_dump(mode="json")
+        body["network"] = self.network.model_dump(mode="json") if self.network else None
         write_atomic(Path(path), lambda p: torch.save(body, p))
 
     @classmethod

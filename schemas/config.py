@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -157,18 +157,66 @@ class LRScheduleConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    kind: Literal["mlp", "lenet"] = Field("lenet", description="mlp: Linear-BN-ReLU blocks; lenet: LeNet-5-style CNN with BatchNorm2d (image data only).")
+    """The network: a built-in by name (``kind``) or the user's by import path (``class_path``)."""
+
+    kind: Optional[Literal["mlp", "lenet", "resnet"]] = Field(
+        None, description="A built-in network: mlp (Linear-BN-ReLU blocks), lenet (LeNet-5-style CNN), resnet (the "
+                          "CIFAR-style 6n+2 ResNet of He et al. 2016); the CNNs need image data. Unset: lenet, unless "
+                          "class_path names a network.")
+    class_path: Optional[str] = Field(
+        None, description="Your network by import path, 'package.module:Name' (a class or a function returning an "
+                          "nn.Module, e.g. torchvision.models:resnet18). bnflow passes num_classes, and in_channels, "
+                          "in_features or input_shape where its signature names them; the rest comes from init_args.")
+    init_args: dict[str, Any] = Field(
+        default_factory=dict, description="class_path: keyword arguments of the class or function (JSON values).")
     hidden: tuple[int, ...] = Field((256, 128), description="mlp: widths of the hidden layers.")
-    init: Literal["xavier", "kaiming", "lecun"] = Field(
-        "kaiming", description="Weight init: Xavier/Glorot, Kaiming/He, or normal scaled by 1/sqrt(fan_in) (LeCun).")
-    bn_momentum: Optional[float] = Field(0.1, gt=0.0, le=1.0, description="BatchNorm running-average momentum; null for the cumulative average.")
-    bn_eps: float = Field(1e-5, gt=0.0, description="BatchNorm epsilon guarding the division by the std.")
+    depth: int = Field(20, ge=8, description="resnet: layers, 6n+2 (20, 32, 44, 56, 110).")
+    width: int = Field(16, ge=1, description="resnet: channels of the first of its three stages (doubled at each next one).")
+    init: Optional[Literal["xavier", "kaiming", "lecun", "none"]] = Field(
+        None, description="Weight init of conv/linear layers: Xavier/Glorot, Kaiming/He, normal scaled by 1/sqrt(fan_in) "
+                          "(LeCun), or none (the network's own). Unset: kaiming for a built-in, none for class_path.")
+    weights: Optional[str] = Field(
+        None, min_length=1,
+        description="Warm start: a state dict or bnflow checkpoint file (a path or a URI pyarrow.fs reads, e.g. s3://...), "
+                    "or a logged bnflow model (runs:/RUN_ID/model_recalibrated, models:/NAME@champion). Loaded with "
+                    "weights_only=True; every tensor must fit the network.")
+    bn: Literal["train", "freeze_stats", "freeze"] = Field(
+        "train", description="BatchNorm while training: train (batch statistics, running averages updated); freeze_stats "
+                             "(running statistics used and kept; gamma/beta still learn); freeze (statistics and gamma/beta "
+                             "fixed). Frozen layers are not synchronized and not recalibrated unless "
+                             "recalibrate.include_frozen.")
+    bn_momentum: Optional[float] = Field(0.1, gt=0.0, le=1.0, description="Built-ins: BatchNorm running-average momentum; null for the cumulative average.")
+    bn_eps: float = Field(1e-5, gt=0.0, description="Built-ins: BatchNorm epsilon guarding the division by the std.")
 
     @model_validator(mode="after")
-    def _hidden_positive(self):
-        if self.kind == "mlp" and (not self.hidden or min(self.hidden) < 1):
-            raise ValueError(f"train.model.hidden={list(self.hidden)} must list at least one positive width, e.g. [256, 128]")
+    def _one_network(self):
+        if self.kind is not None and self.class_path is not None:
+            raise ValueError(f"train.model.kind={self.kind} and train.model.class_path={self.class_path} both name a network; "
+                             "keep one")
+        if self.class_path is None and self.init_args:
+            raise ValueError("train.model.init_args is set without train.model.class_path; the built-ins take "
+                             "train.model.hidden/depth/width instead")
+        if self.class_path is not None and ":" not in self.class_path:
+            raise ValueError(f"train.model.class_path={self.class_path!r} must be 'package.module:Name', e.g. "
+                             "'torchvision.models:resnet18'")
         return self
+
+    @model_validator(mode="after")
+    def _builtin_shapes(self):
+        if self.network == "mlp" and (not self.hidden or min(self.hidden) < 1):
+            raise ValueError(f"train.model.hidden={list(self.hidden)} must list at least one positive width, e.g. [256, 128]")
+        if self.network == "resnet" and (self.depth - 2) % 6:
+            raise ValueError(f"train.model.depth={self.depth}: a CIFAR-style ResNet has 6n+2 layers; use 20, 32, 44, 56 or 110")
+        return self
+
+    @property
+    def network(self) -> str:
+        """The built-in's name, or ``class_path``."""
+        return self.class_path or self.kind or "lenet"
+
+    @property
+    def init_scheme(self) -> str:
+        return self.init or ("none" if self.class_path else "kaiming")
 
 
 class EarlyStoppingConfig(_Strict):
@@ -245,6 +293,9 @@ class RecalibrateConfig(_Strict):
         None, ge=2, description="Calibration rows, a seeded random sample of the split; unset: 10,000, or the whole split "
                                 "when smaller. More than the split holds is an error.")
     batch_size: int = Field(256, ge=2, description="Mini-batch size of the calibration forward passes.")
+    include_frozen: bool = Field(
+        False, description="Re-estimate BN layers frozen in training too (train.model.bn=freeze_stats/freeze, or "
+                           "affine parameters without gradients); by default they keep the statistics they came with.")
 
 
 class CurvesConfig(_Strict):
@@ -331,8 +382,9 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_fits_data(self):
-        if self.train.model.kind == "lenet" and self.data.source == "parquet" and self.data.image_shape is None:
-            raise ValueError("train.model.kind=lenet needs image data: set data.image_shape (e.g. [1, 28, 28]) or train.model.kind=mlp")
+        net = self.train.model.network
+        if net in ("lenet", "resnet") and self.data.source == "parquet" and self.data.image_shape is None:
+            raise ValueError(f"train.model.kind={net} needs image data: set data.image_shape (e.g. [1, 28, 28]) or train.model.kind=mlp")
         return self
 
 

@@ -15,6 +15,12 @@ class DataError(UserError):
     """Input data that breaks the data contract (bad values, missing columns, empty splits)."""
 
 
+class ModelError(UserError):
+    """A network that cannot be built, loaded or run as configured (train.model): an import path that
+    does not resolve, arguments that do not fit, a forward of the wrong shape, a BatchNorm layer bnflow
+    cannot synchronize or recalibrate exactly, warm-start weights that do not fit."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or inf: the optimizer settings (learning rate, clipping) need changing."""
 

@@ -40,7 +40,7 @@ def evaluate(cfg: EvaluateConfig, trained: Checkpoint, recalibrated: Checkpoint,
     scores = {tag: Scores(data.num_classes, cfg.top_k) for tag in models}
     with torch.no_grad(), console.progress("evaluate", total=data.split("test").rows, unit="rows") as bar:
         for table in Split(files).batches():
-            x_all = arrow_io.features_tensor(table)
+            x_all = arrow_io.features_tensor(table).view(-1, *data.input_shape)
             y_all = torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
             for x, y in zip(x_all.split(cfg.batch_size), y_all.split(cfg.batch_size)):
                 bar.update(len(y))
@@ -158,7 +158,8 @@ def _read_split(data: Dataset, name: str, rows: int):
                                  where=f"evaluate input split '{name}'")
     split = Split(files)
     table = split.take(np.arange(min(rows, split.rows)))
-    return arrow_io.features_tensor(table), torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
+    return (arrow_io.features_tensor(table).view(-1, *data.input_shape),
+            torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64)))
 
 
 def _write_shift_table(table: list[dict], path: Path) -> list[str]:

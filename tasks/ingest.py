@@ -77,7 +77,8 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
         parts.update(shifted_splits(cfg.shift, x_test, y_test, image_shape, pixel_max))
     splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
     return Dataset(splits=splits, num_features=d, num_classes=num_classes, image_shape=image_shape,
-                   feature_names=feature_names, class_names=class_names)
+                   feature_names=feature_names, class_names=class_names,
+                   features_column=cfg.features_column if cfg.source == "parquet" and not feature_names else "features")
 
 
 def shifted_splits(cfg, x_test: np.ndarray, y_test: np.ndarray, image_shape, pixel_max: float) -> dict:

@@ -41,10 +41,22 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
         DataError: a split the run does not have, more calibration rows than the split holds, or
             calibration files that break the contract or cannot be read.
     """
+    from tasks.nn.bn_stats import calibrated_layers
+    from tasks.nn.models import model_from_checkpoint
+
     state = CheckpointState.load(checkpoint.path)
+    train_cfg = TrainConfig.model_validate(state.config)
     info = {"estimator": cfg.estimator, "split": cfg.split, "rows": 0}
     path = out_dir / CHECKPOINT_FILE
-    if cfg.estimator == "ema":
+    # train.model.bn=freeze_stats/freeze: every BN layer kept the statistics it came with on purpose.
+    include_frozen = cfg.include_frozen or train_cfg.model.bn == "train"
+    nothing = include_frozen and not calibrated_layers(model_from_checkpoint(state), cfg.include_frozen)
+    if cfg.estimator == "ema" or not include_frozen or nothing:
+        if cfg.estimator != "ema":
+            info["skipped"] = ("no BatchNorm layer to recalibrate" if nothing else
+                               f"train.model.bn={train_cfg.model.bn}: BatchNorm statistics are frozen")
+            console.say(f"recalibrate: {info['skipped']}; the statistics are kept"
+                        + ("" if nothing else " (set recalibrate.include_frozen=true to re-estimate them)"))
         out_dir.mkdir(parents=True, exist_ok=True)
         _strip(state, info).save(path)
     else:
@@ -56,7 +68,6 @@ def recalibrate(cfg: RecalibrateConfig, checkpoint: Checkpoint, data: Dataset, o
                                      where=f"recalibrate input split '{cfg.split}'")
         rows = calibration_rows(cfg, split.rows)
         plan = batch_plan(Split(files).file_rows, rows, cfg.batch_size, seed)
-        train_cfg = TrainConfig.model_validate(state.config)
         out_dir.mkdir(parents=True, exist_ok=True)
         with console.progress("recalibrate", total=rows, unit="rows") as bar:
             _on_tasks(train_cfg, cfg, checkpoint.path, files, plan, info, path)
@@ -127,20 +138,20 @@ def _on_tasks(train_cfg: TrainConfig, cfg: RecalibrateConfig, checkpoint_path: s
     world = train_cfg.workers
     checkpoint = str(Path(checkpoint_path).resolve())
     plan_ref = ray.put(plan)
-    shares = ray.get([shard.remote(checkpoint, files, plan_ref, rank, world, cfg.estimator, train_cfg.cpus_per_worker,
-                                   train_cfg.use_gpu) for rank in range(world)])
+    shares = ray.get([shard.remote(checkpoint, files, plan_ref, rank, world, cfg.estimator, cfg.include_frozen,
+                                   train_cfg.cpus_per_worker, train_cfg.use_gpu) for rank in range(world)])
     total = shares[0]
     for share in shares[1:]:
         total = merge_bn_stats(total, share)
     state = CheckpointState.load(checkpoint)
     model = model_from_checkpoint(state)
-    rows = apply_bn_stats(model, total)
+    rows = apply_bn_stats(model, total, cfg.include_frozen)
     state.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _strip(state, {**info, "rows": rows, "workers": world}).save(out_path)
 
 
-def _calibrate_shard(checkpoint: str, files: list[str], plan: dict, rank: int, world: int, estimator: str, cpus: int,
-                     use_gpu: bool) -> dict:
+def _calibrate_shard(checkpoint: str, files: list[str], plan: dict, rank: int, world: int, estimator: str,
+                     include_frozen: bool, cpus: int, use_gpu: bool) -> dict:
     """Rank ``rank``'s contiguous run of batches through the calibration forward; its share (on the CPU)."""
     import torch
 
@@ -149,12 +160,13 @@ def _calibrate_shard(checkpoint: str, files: list[str], plan: dict, rank: int, w
 
     torch.set_num_threads(cpus)
     device = torch.device("cuda") if use_gpu else torch.device("cpu")
-    model = model_from_checkpoint(CheckpointState.load(checkpoint)).to(device)
+    state = CheckpointState.load(checkpoint)
+    model = model_from_checkpoint(state).to(device)
     lo, hi = rank_batches(plan, rank, world)
     bounds = plan["bounds"]
-    x = torch.from_numpy(read_rows(files, plan["order"][bounds[lo]:bounds[hi]]))
+    x = torch.from_numpy(read_rows(files, plan["order"][bounds[lo]:bounds[hi]])).view(-1, *state.spec.input_shape)
     batches = (x[bounds[b] - bounds[lo]: bounds[b + 1] - bounds[lo]].to(device) for b in range(lo, hi))
-    share = collect_bn_stats(model, batches, estimator=estimator)
+    share = collect_bn_stats(model, batches, estimator=estimator, include_frozen=include_frozen)
     return {**share, "layers": [None if a is None else _to_cpu(a) for a in share["layers"]]}
 
 

@@ -58,19 +58,32 @@ def source_fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def check_source(cfg: DataConfig) -> None:
+class SourceShape(NamedTuple):
+    """What the footers tell of the examples, for the network's pre-flight; None where they do not."""
+
+    input_shape: Optional[tuple[int, ...]]  # (C, H, W) for images, (D,) for rows
+    num_classes: Optional[int]
+
+
+BUILTIN_SHAPES = {"fashion_mnist": (1, 28, 28), "digits": (1, 8, 8)}
+
+
+def check_source(cfg: DataConfig) -> SourceShape:
     """What can be checked of the source without reading its rows, before Ray starts: files exist,
     Parquet files are readable and have the configured columns with usable types; every file has the
     same features; and, where the footers carry column statistics (min, max, null count), no null
     labels or features and labels that fit the class rules of ``class_count``. Footers do not count
     NaN or inf: normalize checks those in the rows (``normalize.nonfinite``).
 
+    Returns:
+        The examples' shape and class count, as far as the footers tell.
+
     Raises:
         DataError: naming the file or field and the fix.
     """
     source_files(cfg)
     if cfg.source != "parquet":
-        return
+        return SourceShape(BUILTIN_SHAPES[cfg.source], BUILTIN_CLASSES)
     footers = []
     for split in ("train", "test"):
         for f in parquet_files(Path(cfg.path), split):
@@ -89,6 +102,11 @@ def check_source(cfg: DataConfig) -> None:
                                 f"row(s) in '{column}'; fill or drop those rows")
             raise DataError(f"data.features_columns: {n} null value(s) in column '{column}' of {foot.path}; fill or drop those rows")
     _check_footer_labels(footers, cfg)
+    width = next((f.width for f in footers if f.width is not None), None)
+    shape = tuple(cfg.image_shape) if cfg.image_shape else (width,) if width else None
+    train = [f for f in footers if f.split == "train"]
+    known = train and all(f.label_range is not None for f in train)
+    return SourceShape(shape, cfg.num_classes or (int(max(f.label_range[1] for f in train)) + 1 if known else None))
 
 
 def class_count(cfg: DataConfig, y_train: np.ndarray, y_test: np.ndarray) -> int:

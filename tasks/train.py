@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from schemas import arrow
-from schemas.artifacts import Checkpoint, CheckpointState, Dataset, ModelSpec, NormStats, NormStatsFile, TrainHistory
+from schemas.artifacts import (Checkpoint, CheckpointState, Dataset, ModelSpec, NormStats, NormStatsFile, TrainHistory,
+                               Weights)
 from schemas.config import TrainConfig
 from schemas.errors import DataError, TrainingDiverged
 from tasks import arrow_io
 from tasks.console import QUIET, Console
 from tasks.convergence import best_epoch
+from tasks.nn.network import check_network, load_weights, network_of, read_weights
 from tasks.train_loop import CHECKPOINT_FILE, train_loop
 from tasks.train_progress import EPOCHS_FILE, PROGRESS_FILE, EpochCallback, ProgressWatch
 
@@ -27,7 +29,8 @@ TIMINGS_FILE = "timings.json"  # where the stage's seconds went (last attempt), 
 
 
 def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: Path, seed: int,
-          on_epoch: Optional[EpochCallback] = None, console: Console = QUIET) -> tuple[Checkpoint, TrainHistory]:
+          weights: Optional[Weights] = None, on_epoch: Optional[EpochCallback] = None,
+          console: Console = QUIET) -> tuple[Checkpoint, TrainHistory]:
     """Train on ``data``'s train split with ``cfg.workers`` Ray Train workers; validate on val.
 
     Resumable: every epoch's state (weights, optimizer, scheduler, RNG, history) is a Ray Train
@@ -37,6 +40,8 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     resumed run ends with the same weights as an uninterrupted one.
 
     Args:
+        weights: a warm start (``train.model.weights`` resolved by ``pipeline.warm_start``): the
+            network starts from these tensors instead of its initialization.
         on_epoch: called in this process (the driver) with (epoch, metrics) for each epoch whose
             checkpoint is persisted, within half a second of it; never inside the training loop,
             which it cannot slow down. Epochs restored from a checkpoint are not passed again.
@@ -46,6 +51,8 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
 
     Raises:
         DataError: too few rows for one batch per worker, or split files that break the contract.
+        ModelError: a network that cannot be built or run on this data (``tasks.nn.network``), or
+            warm-start weights that do not fit it.
         TrainingDiverged: the train loss became NaN or inf.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -58,6 +65,11 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
         raise DataError(
             f"train: {train_rows} training rows cannot fill one batch of train.batch_size={cfg.batch_size} on each of "
             f"train.workers={cfg.workers}; lower train.batch_size or train.workers")
+    # The pre-flight again, now with the data's exact shape and class count: seconds, not a worker group's start.
+    network = network_of(cfg.model, data.input_shape, data.num_classes)
+    model = check_network(cfg.model, data.input_shape, data.num_classes, say=lambda line: None)
+    if weights is not None:
+        load_weights(model, read_weights(weights.path), weights.source)
     expected = arrow.example_schema(data.num_features)
     files = {name: arrow_io.check_split(data.split(name), expected, where=f"train input split '{name}'")
              for name in ("train", "val")}
@@ -67,10 +79,11 @@ def train(cfg: TrainConfig, data: Dataset, norm_stats: NormStatsFile, out_dir: P
     for name in (PROGRESS_FILE, EPOCHS_FILE):  # an earlier attempt's: this attempt's workers write their own
         (out_dir / name).unlink(missing_ok=True)
     loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "seed": seed,
+        "cfg": cfg.model_dump(mode="json"), "seed": seed, "network": network.model_dump(mode="json"),
+        "weights": weights.path if weights is not None else None,
         "spec": ModelSpec(num_features=data.num_features, num_classes=data.num_classes,
                           image_shape=data.image_shape, feature_names=data.feature_names,
-                          class_names=data.class_names).model_dump(mode="json"),
+                          features_column=data.features_column, class_names=data.class_names).model_dump(mode="json"),
         "norm_stats": NormStats.load(norm_stats.path).model_dump(mode="json"),
         "diverged_path": str(diverged.resolve()), "out_dir": str(out_dir.resolve()),
         "files": {name: [str(Path(f).resolve()) for f in fs] for name, fs in files.items()},

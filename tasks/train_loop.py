@@ -17,13 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from schemas.artifacts import CheckpointState, ModelSpec, NormStats
+from schemas.artifacts import CheckpointState, ModelSpec, Network, NormStats
 from schemas.config import LRScheduleConfig, OptimizerConfig, TrainConfig
 from tasks import arrow_io
 from tasks.convergence import GradMonitor, best_epoch, stop_reason
 from tasks.nn import convert_sync_batchnorm
-from tasks.nn.models import build_model
+from tasks.nn.models import from_network
+from tasks.nn.network import load_weights, read_weights
 from tasks.reader import Split
 from tasks.train_progress import ProgressWriter
 
@@ -43,10 +45,14 @@ def train_loop(config: dict) -> None:
     spec = ModelSpec.model_validate(config["spec"])
 
     clock = Clock()  # where the seconds go; rank 0's is reported
-    x_train, y_train = read_shard(config["files"]["train"], rank, world)
-    x_val, y_val = read_shard(config["files"]["val"], rank, world, equal=False)
+    x_train, y_train = read_shard(config["files"]["train"], rank, world, spec.input_shape)
+    x_val, y_val = read_shard(config["files"]["val"], rank, world, spec.input_shape, equal=False)
     clock.mark("data_ready")
-    model = build_model(cfg.model, spec.num_features, spec.num_classes, spec.image_shape)
+    network = Network.model_validate(config["network"])
+    model = from_network(network, cfg.model.init_scheme)
+    if config.get("weights"):  # a warm start; a resumed run's checkpoint below replaces it
+        load_weights(model, read_weights(config["weights"]), cfg.model.weights)
+    freeze_bn(model, cfg.model.bn)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.epochs)
     history: list[dict] = []
@@ -82,6 +88,7 @@ def train_loop(config: dict) -> None:
             break
         t0 = time.perf_counter()
         ddp_model.train()
+        freeze_bn(model, cfg.model.bn)  # after train(): frozen layers stay in eval mode
         lr = optimizer.param_groups[0]["lr"]
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
         order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(data_order_seed(config["seed"], epoch, rank)))
@@ -131,7 +138,7 @@ def train_loop(config: dict) -> None:
                     # SyncBatchNorm and BatchNorm share their state-dict keys: no conversion needed.
                     model={k: v.detach().cpu() for k, v in model.state_dict().items()},
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state()},
-                    epoch=epoch, config=config["cfg"], bn_mode=cfg.bn_mode, spec=spec,
+                    epoch=epoch, config=config["cfg"], bn_mode=cfg.bn_mode, spec=spec, network=network,
                     norm_stats=NormStats.model_validate(config["norm_stats"]), history=history,
                     best_model=best_model, stop_reason=stopped)
                 with tempfile.TemporaryDirectory() as d:
@@ -183,8 +190,10 @@ def data_order_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
-def read_shard(files: list[str], rank: int, world: int, equal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank`` of ``world``'s rows of a split as in-memory tensors.
+def read_shard(files: list[str], rank: int, world: int, input_shape: tuple[int, ...],
+               equal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank`` of ``world``'s rows of a split as in-memory tensors, each example of
+    ``input_shape`` ((C, H, W) images, (D,) rows).
 
     Every ``world``-th row from row ``rank`` on, over the files in order. With ``equal``, the same
     number on every rank (the last ``rows % world`` rows of the split are left out): DDP needs equal
@@ -198,9 +207,24 @@ def read_shard(files: list[str], rank: int, world: int, equal: bool = True) -> t
         mine = mine[: split.rows // world]
     table = split.take(mine)
     if table.num_rows == 0:
-        return torch.empty((0, 0)), torch.empty(0, dtype=torch.int64)
-    x = arrow_io.features_numpy(table)
-    return torch.from_numpy(np.require(x, requirements="W")), torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
+        return torch.empty((0, *input_shape)), torch.empty(0, dtype=torch.int64)
+    x = torch.from_numpy(np.require(arrow_io.features_numpy(table), requirements="W")).view(-1, *input_shape)
+    return x, torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
+
+
+def freeze_bn(model: nn.Module, policy: str) -> None:
+    """``train.model.bn``: with ``freeze_stats`` or ``freeze`` every BatchNorm layer normalizes with
+    its running statistics and never moves them (eval mode; no collective under SyncBatchNorm
+    either); ``freeze`` also fixes gamma and beta (no gradient: the optimizer leaves them out).
+    Layers that are not ``_BatchNorm`` (torchvision's ``FrozenBatchNorm2d``) are frozen by their
+    own class. Call after every ``model.train()``."""
+    if policy == "train":
+        return
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+            if policy == "freeze":
+                m.requires_grad_(False)
 
 
 def distribute(model: nn.Module, bn_mode: str, world: int) -> nn.Module:

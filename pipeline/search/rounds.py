@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from pipeline import dag, runner
+from pipeline import dag, runner, warm_start
 from pipeline.search import space as S
 from pipeline.search import plan
 from pipeline.search.plan import (RESULT_FILE, TAG_ROUND, TAG_TRIAL, TAG_TRIAL_STATUS, TRIALS_DIR, Outcome, SearchResult,
@@ -67,6 +67,9 @@ def search(cfg: PipelineConfig, search_id: str, tracker: Tracker, dims: dict[str
     data = runner.run(cfg, search_id, tracker, nodes=dag.select("ingest", "normalize"), console=console)
     seconds["data_s"] = time.perf_counter() - t0
     given = {k: data[k] for k in ("data", "norm_stats")}
+    weights = warm_start.given(cfg, root)["weights"]
+    if weights is not None:  # every trial, and the winner, start from the same warm start
+        given["weights"] = weights
     outcomes: list[Outcome] = []
     spaces = []
     current = dims

@@ -71,7 +71,7 @@ def test_a_gated_run_still_compares_against_a_legacy_champion(mlflow_server, leg
     y = then.copy()
     y[::4] = (y[::4] + 1) % 3  # a quarter wrong: the champion's accuracy is known from what it answered then
     torch.manual_seed(3)
-    candidate = NormalizedClassifier(MLP(4, 3, (8,), 1e-5, 0.1).eval(), np.zeros(4), np.ones(4)).eval()
+    candidate = NormalizedClassifier(MLP(4, 3, (8,), 1e-5, 0.1).eval(), np.zeros(4), np.ones(4), (4,)).eval()
     mlflow.set_experiment("legacy")
     with mlflow.start_run(run_name="candidate"):
         uri = served.log(candidate, "model_recalibrated", expected["class_names"], expected["feature_names"]).model_uri

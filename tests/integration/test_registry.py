@@ -36,9 +36,9 @@ def _model(digits, steps: int) -> NormalizedClassifier:
     """An MLP behind the raw rows' z-score, fitted for ``steps`` full-batch Adam steps (0: random)."""
     (x, y), _ = digits
     torch.manual_seed(0)
-    net = build_model(ModelConfig(kind="mlp", hidden=(32,)), 64, 10, None)
+    net = build_model(ModelConfig(kind="mlp", hidden=(32,)), (64,), 10)
     shift, scale = x.mean(0), np.where(x.std(0) > 0, x.std(0), 1.0)
-    model = NormalizedClassifier(net, shift, scale)
+    model = NormalizedClassifier(net, shift, scale, (64,))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(steps):

@@ -27,7 +27,7 @@ def _reference_factor(cfg: LRScheduleConfig, epoch: int, epochs: int, base_lr: f
 
 
 def _lrs(cfg: LRScheduleConfig, epochs: int, base_lr: float = 0.1) -> list[float]:
-    model = build_model(ModelConfig(kind="mlp", hidden=(4,)), 3, 2)
+    model = build_model(ModelConfig(kind="mlp", hidden=(4,)), (3,), 2)
     opt = build_optimizer(SGDConfig(lr=base_lr), model)
     sched = build_scheduler(cfg, opt, epochs)
     out = []
@@ -66,7 +66,7 @@ def test_cosine_last_epoch_still_learns_and_warmup_ramps():
     (AdadeltaConfig(name="adadelta", weight_decay=1e-4), torch.optim.Adadelta, lambda g: g["rho"] == 0.9),
 ])
 def test_optimizers_and_weight_decay_groups(cfg, cls, check):
-    model = build_model(ModelConfig(kind="mlp", hidden=(8,)), 4, 3)
+    model = build_model(ModelConfig(kind="mlp", hidden=(8,)), (4,), 3)
     opt = build_optimizer(cfg, model)
     assert isinstance(opt, cls)
     decay, no_decay = opt.param_groups
@@ -79,20 +79,32 @@ def test_optimizers_and_weight_decay_groups(cfg, cls, check):
                                        ("xavier", lambda fi, fo: 2 / (fi + fo))])
 def test_init_variance(init, var):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="mlp", hidden=(512,), init=init), 400, 10)
+    model = build_model(ModelConfig(kind="mlp", hidden=(512,), init=init), (400,), 10)
     w = model.body[0].weight.detach()
     assert float(w.var()) == pytest.approx(var(400, 512), rel=0.05)
 
 
 def test_models_produce_logits_and_have_no_redundant_bias():
-    lenet = build_model(ModelConfig(kind="lenet"), 784, 10, (1, 28, 28))
-    assert lenet(torch.randn(4, 784)).shape == (4, 10)
-    small = build_model(ModelConfig(kind="lenet"), 64, 10, (1, 8, 8))
-    assert small(torch.randn(3, 64)).shape == (3, 10)
+    lenet = build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10)
+    assert lenet(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    small = build_model(ModelConfig(kind="lenet"), (1, 8, 8), 10)
+    assert small(torch.randn(3, 1, 8, 8)).shape == (3, 10)
     layers = list(lenet.features) + list(lenet.classifier)
     for layer, nxt in zip(layers, layers[1:]):
         if isinstance(nxt, torch.nn.modules.batchnorm._BatchNorm):
             assert layer.bias is None
+
+
+def test_resnet_is_6n_plus_2_layers_deep_and_takes_any_image_side():
+    """The built-in resnet: depth counts conv/linear weight layers outside the shortcuts (He et al. 2016),
+    3 stages of n blocks, widths w, 2w, 4w; works on 1-channel 28x28 and 3-channel 32x32 images."""
+    for depth, shape in ((20, (1, 28, 28)), (32, (3, 32, 32))):
+        net = build_model(ModelConfig(kind="resnet", depth=depth, width=8), shape, 7)
+        assert net(torch.randn(2, *shape)).shape == (2, 7)
+        main = [m for name, m in net.named_modules()
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and "shortcut" not in name]
+        assert len(main) == depth
+        assert [b.conv2.out_channels for b in net.blocks][:: (depth - 2) // 6] == [8, 16, 32]
 
 
 def _split_sorted_by_label(tmp_path, sizes):
@@ -127,7 +139,7 @@ def test_read_shard_gives_equal_strided_shards_that_cover_every_class(tmp_path, 
     per_rank = len(y) // world
     seen = []
     for rank in range(world):
-        xs, ys = read_shard(files, rank, world)
+        xs, ys = read_shard(files, rank, world, (3,))
         # independent reference: every world-th row from row `rank`, the first per_rank of them
         np.testing.assert_array_equal(xs.numpy(), x[rank::world][:per_rank])
         np.testing.assert_array_equal(ys.numpy(), y[rank::world][:per_rank])

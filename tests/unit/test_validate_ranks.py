@@ -14,7 +14,7 @@ ROWS, FEATURES, CLASSES = 101, 6, 3  # 101 rows: shares differ by one row on 2 a
 
 def _model_and_data(rank: int):
     torch.manual_seed(0)  # identical weights on every rank, as DDP keeps them
-    model = build_model(ModelConfig(kind="mlp", hidden=(8,)), FEATURES, CLASSES)
+    model = build_model(ModelConfig(kind="mlp", hidden=(8,)), (FEATURES,), CLASSES)
     with torch.no_grad():  # local BN: each rank's running statistics are its own
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm1d):
