@@ -60,6 +60,7 @@ def load(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ())
             keys = keys[:2] + [".".join(keys[2:])]
         parsed.append((keys, _parse_value(value)))
     _switch_optimizer(raw, parsed)
+    _switch_network(raw, parsed)
     for keys, value in parsed:
         _assign(raw, keys, value)
     return validate(raw)
@@ -88,6 +89,20 @@ def _switch_optimizer(raw: dict, parsed: list) -> None:
     section = (raw.get("train") or {}).get("optimizer") if isinstance(raw.get("train"), dict) else None
     if names and isinstance(section, dict) and names[-1] in OPTIMIZERS and section.get("name", "sgd") != names[-1]:
         raw["train"]["optimizer"] = {}
+
+
+def _switch_network(raw: dict, parsed: list) -> None:
+    """``--set train.model.class_path=...`` or ``--set train.model.kind=...`` names the network in
+    place of the recipe's: the recipe's own choice (its kind, or its class_path and init_args) goes,
+    as Lightning CLI replaces a class_path's arguments with the class. The other settings stay."""
+    named = {k[2] for k, _ in parsed if k[:2] == ["train", "model"] and len(k) == 3 and k[2] in ("kind", "class_path")}
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else None
+    model = train.get("model") if train is not None else None
+    if not named or not isinstance(model, dict):
+        return
+    for key in ("kind", "class_path", "init_args"):
+        if key not in named and not (key == "init_args" and "class_path" not in named):
+            model.pop(key, None)
 
 
 def validate(raw: dict) -> PipelineConfig:

@@ -19,6 +19,14 @@ The calibration forward (the contract the tests check):
     stored statistics, no buffer moves during the pass). A layer's recorded input therefore
     depends on the batches the calibration rows are cut into, not only on the set of rows: shares
     collected apart and merged equal one pass over the same batches.
+  * Only the normalization step of a chosen layer changes: its class is swapped, for the pass, to
+    one whose MRO runs the calibration step where ``_BatchNorm.forward`` would
+    (``tasks.nn.syncbn.norm_step``), so whatever a BatchNorm subclass does around
+    ``super().forward(x)`` -- an activation fused into the layer, extra children -- runs as in
+    training and the next layer records what it would see. A chosen layer whose forward normalizes
+    by other means (its own ``F.batch_norm``) would bypass the step: ``ModelError``, never a silent
+    miscalibration. Modules that are not ``_BatchNorm`` (torchvision's ``FrozenBatchNorm2d``) are
+    never chosen and run as they are.
   * The forward is plain BatchNorm with no collective: shares are collected independently, in any
     process, and only their accumulators travel.
 
@@ -34,10 +42,12 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tasks import moments
+from tasks.nn.syncbn import norm_step
 
 ESTIMATORS = ("exact", "ema", "batch_mean")
 
@@ -62,7 +72,7 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator
     process (``collect_bn_stats`` then ``apply_bn_stats``).
 
     Args:
-        model: a model with plain BatchNorm layers (``tasks.nn.revert_sync_batchnorm`` first).
+        model: a model with BatchNorm layers (``tasks.nn.revert_sync_batchnorm`` first).
         batches: input tensors as the model's forward takes them; each must hold >= 2 rows.
         estimator: ``exact`` or ``batch_mean`` (module docstring).
         include_frozen: re-estimate frozen BN layers too.
@@ -71,8 +81,9 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimator
         The number of calibration rows.
 
     Raises:
-        ValueError: an unknown estimator, no BN layer to calibrate, or no row (the model is left
-            untouched).
+        ValueError: an unknown estimator, no BN layer to calibrate, torch's SyncBatchNorm in the
+            model, or no row (the model is left untouched).
+        ModelError: a calibrated layer that normalizes outside ``_BatchNorm.forward``.
     """
     return apply_bn_stats(model, collect_bn_stats(model, batches, estimator, include_frozen), include_frozen)
 
@@ -89,26 +100,34 @@ def collect_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], estimato
     grouping, and ``apply_bn_stats`` writes the result into a model.
 
     Raises:
-        ValueError: an unknown estimator, or no BN layer to calibrate.
+        ValueError: an unknown estimator, no BN layer to calibrate, or torch's SyncBatchNorm in the
+            model (revert it first).
+        ModelError: a calibrated layer that normalizes outside ``_BatchNorm.forward``, named.
     """
     if estimator not in ("exact", "batch_mean"):
         raise ValueError(f"update_bn_stats: estimator {estimator!r} is not one of 'exact', 'batch_mean'")
     layers = calibrated_layers(model, include_frozen)
     if not layers:
         raise ValueError("update_bn_stats: the model has no BatchNorm layer with running statistics to calibrate")
+    names = {m: name for name, m in model.named_modules()}
+    for layer in layers:
+        if isinstance(layer, nn.SyncBatchNorm):  # its forward never reaches _BatchNorm.forward
+            raise ValueError(f"update_bn_stats: layer {names[layer]!r} is torch's SyncBatchNorm -- "
+                             "tasks.nn.revert_sync_batchnorm(model) first")
     recorders = [(_Exact(layer) if estimator == "exact" else _BatchMean(layer)) for layer in layers]
     flags = {m: m.training for m in model.modules()}
     rows = 0
     try:
         model.eval()  # dropout off; frozen BN layers normalize with their stored statistics
         for layer, rec in zip(layers, recorders):
-            layer.forward = _calibrating_forward(layer, rec)
-        for x in batches:
-            model(x)
-            rows += len(x)
+            layer._bnflow_recorder = rec
+        with norm_step({names[layer]: layer for layer in layers}, _CalibrationStep):
+            for x in batches:
+                model(x)
+                rows += len(x)
     finally:
         for layer in layers:
-            layer.__dict__.pop("forward", None)  # back to the class's forward
+            vars(layer).pop("_bnflow_recorder", None)
         for m, training in flags.items():
             m.training = training
     return {"estimator": estimator, "rows": rows, "layers": [rec.state() for rec in recorders]}
@@ -149,20 +168,21 @@ def apply_bn_stats(model: nn.Module, stats: dict, include_frozen: bool = False) 
     return int(stats["rows"])
 
 
-def _calibrating_forward(layer: _BatchNorm, recorder):
-    """``layer``'s forward during calibration: normalize with the batch's own statistics (as training
-    mode does), computed once, in float64, and handed to ``recorder``. The layer stays in eval mode,
-    so its buffers and ``num_batches_tracked`` are not touched during the pass. Costs one moments
-    pass plus eval-mode BN: no second statistics pass inside a train-mode BN kernel."""
-    import torch.nn.functional as F
+class _CalibrationStep(_BatchNorm):
+    """A calibrated layer's normalization step during the pass (swapped in by
+    ``tasks.nn.syncbn.norm_step``): normalize with the batch's own statistics (as training mode
+    does), computed once, in float64, and handed to the layer's ``_bnflow_recorder``. The layer stays
+    in eval mode and ``_BatchNorm.forward`` is not called, so its buffers and ``num_batches_tracked``
+    are not touched. Costs one moments pass plus eval-mode BN: no second statistics pass inside a
+    train-mode BN kernel."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        m = moments.of_tensor(x, _channels_dims(x))
-        recorder.add(m)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        m = moments.of_tensor(input, _channels_dims(input))
+        self._bnflow_recorder.add(m)
         var = m.m2 / torch.clamp(m.count, min=1.0)  # biased, as BN normalizes
-        return F.batch_norm(x, m.mean.to(x.dtype), var.to(x.dtype), layer.weight, layer.bias, False, 0.0, layer.eps)
-
-    return forward
+        return F.batch_norm(input, m.mean.to(input.dtype), var.to(input.dtype), self.weight, self.bias,
+                            False, 0.0, self.eps)
 
 
 def _channels_dims(x: torch.Tensor) -> list[int]:

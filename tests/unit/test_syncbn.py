@@ -244,7 +244,10 @@ def test_convert_and_revert_keep_parameters_buffers_and_requires_grad():
     weight = model[1].weight
     conv = convert_sync_batchnorm(model)
     assert conv is model
-    assert [type(m) for m in conv.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [SyncBatchNorm] * 3
+    # Converted layers keep their object and class and gain SyncBatchNorm's forward (tasks.nn.syncbn).
+    bns = [m for m in conv.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 3 and all(isinstance(m, SyncBatchNorm) and not isinstance(m, nn.SyncBatchNorm) for m in bns)
+    assert [isinstance(conv[1], nn.BatchNorm2d), isinstance(conv[3], nn.BatchNorm1d)] == [True, True]
     assert conv[1].weight is weight and not conv[1].weight.requires_grad
     assert float(conv[1].running_mean[0]) == 0.25
     back = revert_sync_batchnorm(conv)
