@@ -31,6 +31,8 @@ def command(args) -> int:
     print(f"\n[bnflow] done in {done.seconds:.0f}s  (bn: {cfg.train.bn_mode}, workers: {cfg.train.workers})\n"
           + session.outcome_lines(evaluation, decision)
           + f"  MLflow run: {done.tracker.parent_id}  (run id {run_id}; resume with --run-id {run_id})\n"
+          + f"  model: {done.tracker.logged_model('recalibrate')}  (for mlflow models serve -m, pipeline adapt --model, "
+            "train.model.weights)\n"
           + session.where(done.tracker), flush=True)
     return 0
 

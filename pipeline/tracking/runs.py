@@ -139,6 +139,16 @@ class Tracker:
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status)
 
+    def logged_model(self, stage: str) -> Optional[str]:
+        """The URI of the model ``stage`` (train or recalibrate) logged: its own ``models:/m-...``
+        (what ``mlflow models serve -m``, ``adapt --model`` and ``train.model.weights`` take), or
+        ``runs:/<stage run>/model_<stage>`` for a run logged before models had their own URI."""
+        run = self.find(stage)
+        if run is None:
+            return None
+        name = "recalibrated" if stage == "recalibrate" else "trained"
+        return run.data.tags.get(TAG_MODEL_URI, f"runs:/{run.info.run_id}/model_{name}")
+
     def gate(self, raw: A.Dataset, say=print):
         """Register the recalibrated model and decide whether it becomes the champion
         (``pipeline.tracking.registry``), scoring on ``raw``'s test rows; the decision goes on the evaluate
@@ -149,8 +159,7 @@ class Tracker:
 
         table = Split(arrow_io.split_files(raw.split("test"))).read_all()
         x, y = arrow_io.features_numpy(table), arrow_io.labels_numpy(table)
-        recal = self.find("recalibrate")
-        model_uri = recal.data.tags.get(TAG_MODEL_URI, f"runs:/{recal.info.run_id}/model_recalibrated")
+        model_uri = self.logged_model("recalibrate")
         decision = registry.gate(self.client, self.cfg.tracking.register_model, self.run_id, model_uri, x, y,
                                  self.cfg.tracking.gate,
                                  raw.feature_names, say)
@@ -269,6 +278,6 @@ class _StageRun:
         state = A.CheckpointState.load(ckpt.path)
         self.client.log_artifact(self.run_id, ckpt.path, artifact_path=f"checkpoints/{name}")
         info = served.log(served_model(state), f"model_{name}", state.spec.names(), state.spec.feature_names,
-                          run_id=self.run_id)
+                          run_id=self.run_id, checkpoint=ckpt.path, features_column=state.spec.features_column)
         # The logged model's own URI (models:/m-...): the registry takes it without a lookup by run.
         self.client.set_tag(self.run_id, TAG_MODEL_URI, info.model_uri)
