@@ -5,7 +5,11 @@ process holds two DDP models (plain BN and tasks.nn.SyncBatchNorm) and alternate
 steps between them, so machine noise hits both alike; the ratio of median step times is reported.
 Then a per-layer forward+backward microbenchmark.
 
-    python -m benchmarks.syncbn [--steps 200] [--batch-size 128]
+    python -m benchmarks.syncbn [--steps 200] [--batch-size 128] [--model lenet|resnet20|resnet18]
+
+``--model resnet18``: torchvision's ResNet-18 (or its same-shape stand-in, benchmarks/resnet18.py,
+where torchvision does not import) on Fashion-MNIST images as 3 x 32 x 32 (grey replicated, padded);
+``resnet20``: bnflow's built-in CIFAR-style ResNet-20 on the 1 x 28 x 28 images.
 
 Writes benchmarks/results/syncbn.json.
 """
@@ -42,16 +46,38 @@ def _fashion_mnist(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x).view(-1, 1, 28, 28), torch.from_numpy(y[:n])  # as the train stage shapes images
 
 
-def _models():
+MODELS = {"lenet": "LeNet-5-style CNN, 4 BatchNorm layers", "resnet20": "built-in ResNet-20, 19 BatchNorm2d layers",
+          "resnet18": "ResNet-18, 20 BatchNorm2d layers"}
+
+
+def _build(name: str) -> nn.Module:
     from schemas.config import ModelConfig
-    from tasks.nn import convert_sync_batchnorm
     from tasks.nn.models import build_model
 
+    if name == "resnet18":
+        from benchmarks.resnet18 import resnet18
+
+        return resnet18(num_classes=10)
+    if name == "resnet20":
+        return build_model(ModelConfig(kind="resnet", depth=20), (1, 28, 28), 10)
+    return build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10)
+
+
+def _models(name: str):
+    from tasks.nn import convert_sync_batchnorm
+
     torch.manual_seed(0)
-    local = build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10)
+    local = _build(name)
     torch.manual_seed(0)
-    sync = convert_sync_batchnorm(build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10))
+    sync = convert_sync_batchnorm(_build(name))
     return {"local": local, "sync": sync}
+
+
+def _images(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Fashion-MNIST batches as the network takes them: 3 x 32 x 32 for ResNet-18."""
+    if name != "resnet18":
+        return x
+    return F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1).contiguous()
 
 
 def _step_times(model, opt, x, y, batch, steps, offset):
@@ -104,11 +130,11 @@ def _micro(rank, reps=20):
 def _worker(rank, world, args):
     x, y = _fashion_mnist(20000)
     shard = slice(rank, None, WORKERS)
-    x, y = x[shard], y[shard]
+    x, y = _images(x[shard], args.model), y[shard]
     from tasks.train_loop import ddp_kwargs
 
     # Each mode with the DDP options the train stage gives it.
-    models = {k: nn.parallel.DistributedDataParallel(m, **ddp_kwargs(k)) for k, m in _models().items()}
+    models = {k: nn.parallel.DistributedDataParallel(m, **ddp_kwargs(k)) for k, m in _models(args.model).items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
     for k in models:  # warm-up
         _step_times(models[k], opts[k], x, y, args.batch_size, 5, 0)
@@ -118,13 +144,22 @@ def _worker(rank, world, args):
         for k in order:
             dist.barrier()
             times[k] += _step_times(models[k], opts[k], x, y, args.batch_size, BLOCK, block * BLOCK)
-    return {"times": times, "micro": _micro(rank)}
+    return {"times": times, "micro": _micro(rank) if args.model == "lenet" else {}}
+
+
+def _resnet18_source() -> str:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return "benchmarks/resnet18.py: torchvision does not import here"
+    return "torchvision.models.resnet18"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128, help="per worker")
+    p.add_argument("--model", choices=sorted(MODELS), default="lenet")
     args = p.parse_args(argv)
     results = dict(enumerate(ranks.run(_worker, WORKERS, args, threads=THREADS)))
     # A DDP step ends when the slowest rank ends: take the per-step max over ranks.
@@ -134,7 +169,8 @@ def main(argv=None):
         "step_time_ratio_sync_over_local": med["sync"] / med["local"],
         "step_ms_median": {k: v * 1e3 for k, v in med.items()},
         "workers": WORKERS, "threads_per_worker": THREADS, "batch_size_per_worker": args.batch_size,
-        "steps_per_mode": len(step["local"]), "model": "LeNet-5-style CNN, 4 BatchNorm layers",
+        "steps_per_mode": len(step["local"]), "model": MODELS[args.model] + (
+            "" if args.model != "resnet18" else f" ({_resnet18_source()})"),
         "data": "Fashion-MNIST (Debian dataset-fashion-mnist)",
         "per_layer_fwd_bwd_rank0": results[0]["micro"],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -142,7 +178,7 @@ def main(argv=None):
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    existing[f"batch_{args.batch_size}"] = out
+    existing[f"batch_{args.batch_size}" if args.model == "lenet" else f"{args.model}_batch_{args.batch_size}"] = out
     primary = existing.get("batch_128", out)
     existing.update({k: primary[k] for k in ("step_time_ratio_sync_over_local", "workers", "threads_per_worker", "command")})
     RESULTS.write_text(json.dumps(existing, indent=1))
