@@ -148,7 +148,8 @@ def merge_bn_stats(a: dict, b: dict) -> dict:
 @torch.no_grad()
 def apply_bn_stats(model: nn.Module, stats: dict, include_frozen: bool = False) -> int:
     """Write a (merged) calibration's mean and unbiased variance into ``model``'s calibrated BN
-    layers; returns its row count.
+    layers; returns its row count. A layer the calibration forward never called (a branch the
+    network's forward does not take) keeps its statistics.
 
     Raises:
         ValueError: no calibration row (the model is left untouched).
@@ -157,6 +158,8 @@ def apply_bn_stats(model: nn.Module, stats: dict, include_frozen: bool = False) 
         raise ValueError("update_bn_stats: no calibration batches")
     layers = calibrated_layers(model, include_frozen)
     for layer, acc in zip(layers, stats["layers"]):
+        if _unused(acc, stats["estimator"]):
+            continue  # a layer the forward never called (an unused branch): nothing to estimate it from
         if stats["estimator"] == "exact":
             mean, var = acc.mean, acc.variance(ddof=1)
         else:
@@ -166,6 +169,12 @@ def apply_bn_stats(model: nn.Module, stats: dict, include_frozen: bool = False) 
         layer.running_mean.copy_(mean.to(layer.running_mean.device, layer.running_mean.dtype))
         layer.running_var.copy_(var.to(layer.running_var.device, layer.running_var.dtype))
     return int(stats["rows"])
+
+
+def _unused(acc, estimator: str) -> bool:
+    if estimator == "exact":
+        return acc is None or float(torch.as_tensor(acc.count).max()) == 0
+    return float(acc[0]) == 0
 
 
 class _CalibrationStep(_BatchNorm):

@@ -125,3 +125,32 @@ def test_shares_collected_apart_and_merged_equal_one_pass_over_every_batch():
             if key.endswith(("running_mean", "running_var")):
                 assert not torch.equal(want, model.state_dict()[key])  # the statistics did move
                 assert torch.allclose(split.state_dict()[key], want, rtol=0, atol=1e-12), (estimator, key)
+
+
+def test_a_layer_the_forward_never_calls_keeps_its_statistics():
+    """Regression: a BN layer on a branch the forward does not take (an auxiliary head) made
+    apply_bn_stats fail on its empty accumulator (exact) or write zeros (batch_mean)."""
+    import torch
+    from torch import nn
+
+    from tasks.nn.bn_stats import update_bn_stats
+
+    class WithUnusedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+            self.aux = nn.BatchNorm1d(3)  # never called
+
+        def forward(self, x):
+            return self.bn(x)
+
+    x = torch.randn(64, 3, dtype=torch.float64) * 2 + 1
+    for estimator in ("exact", "batch_mean"):
+        model = WithUnusedHead().double()
+        with torch.no_grad():
+            model.aux.running_mean.fill_(0.5)
+        update_bn_stats(model, x.split(16), estimator=estimator)
+        assert torch.equal(model.aux.running_mean, torch.full((3,), 0.5, dtype=torch.float64))
+        assert torch.equal(model.aux.running_var, torch.ones(3, dtype=torch.float64))
+        if estimator == "exact":
+            assert torch.allclose(model.bn.running_mean, x.mean(0))
