@@ -13,7 +13,7 @@ import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -31,25 +31,43 @@ class Adapted:
     version: Optional[str]
 
 
-def load_source(model_uri: str):
-    """(served torch module, class names or None, model info) of ``model_uri``.
+@dataclass(frozen=True)
+class Source:
+    """A logged bnflow model as adapt reads it."""
+
+    module: Any  # raw rows -> logits, with real BatchNorm layers (NormalizedClassifier)
+    class_names: Optional[list[str]]
+    info: Any  # MLflow's ModelInfo
+    checkpoint: Optional[str]  # local path of the bnflow checkpoint stored in the model; None for earlier models
+    feature_names: Optional[list[str]]  # a wide table's columns, else None
+    features_column: str  # else the list column of a row's features
+
+
+def load_source(model_uri: str) -> Source:
+    """The model at ``model_uri``, downloaded once: its module, names, checkpoint and input columns.
 
     Raises:
-        UserError: the URI does not resolve to a bnflow model in the tracking store.
+        UserError: the URI does not resolve to a bnflow model in the tracking store, or the model
+            holds no network to adapt (logged without a checkpoint).
     """
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipeline.tracking import served
 
     try:
-        model, class_names, info = served.load(model_uri)
+        # One download: an alias (models:/NAME@champion) that moves meanwhile cannot mix two models.
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+        model, class_names, info = served.load(local)
     except (MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {model_uri}: cannot load it ({first}); give a logged bnflow model, e.g. "
                         "runs:/RUN_ID/model_recalibrated or models:/NAME@ALIAS") from None
     if not hasattr(model, "model") or not hasattr(model, "shift"):
-        raise UserError(f"--model {model_uri}: not a bnflow model (raw features in, normalization inside)")
-    return model, class_names, info
+        raise UserError(f"--model {model_uri}: not a bnflow model with its network (raw features in, normalization "
+                        "inside); a model adapted from one logged by an earlier bnflow has none: adapt that source model")
+    feature_names, column = served.inputs(info)
+    return Source(model, class_names, info, served.checkpoint_path(local), feature_names, column)
 
 
 def read_features(data_dir: str, feature_names: Optional[list[str]], num_features: int, column: str = "features") -> np.ndarray:
@@ -110,19 +128,21 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
         UserError: a model that does not load, data that breaks the contract, more rows than exist.
     """
     import copy
+    import tempfile
 
     import mlflow
     import torch
 
     from pipeline.tracking import served
     from pipeline.tracking.uri import source_tags
+    from schemas.artifacts import CheckpointState
     from tasks.nn.bn_stats import update_bn_stats
     from tasks.recalibrate import batch_plan
 
-    source, class_names, info = load_source(model_uri)
-    spec_names = _feature_names(info)
+    src = load_source(model_uri)
+    source, info = src.module, src.info
     num_features = int(source.shift.numel())
-    x = read_features(data_dir, spec_names, num_features)
+    x = read_features(data_dir, src.feature_names, num_features, src.features_column)
     if rows is not None and rows > len(x):
         raise DataError(f"--rows {rows}: {data_dir} holds only {len(x)} rows; lower --rows or leave it unset")
     n = rows if rows is not None else min(DEFAULT_ROWS, len(x))
@@ -139,23 +159,22 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
     tags = {**source_tags(), "bnflow.stage": "adapt", "bnflow.adapted_from_model": model_uri,
             "bnflow.adapted_from_run": info.run_id or "",
             "mlflow.note.content": f"BN statistics of {model_uri} re-estimated on {n} unlabeled rows of {data_dir} (AdaBN)."}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"adapt-{Path(data_dir).name}", tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"adapt-{Path(data_dir).name}", tags=tags) as run, \
+            tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({"adapt.model": model_uri, "adapt.data": str(Path(data_dir).resolve()), "adapt.rows": n,
                            "adapt.batch_size": batch_size, "adapt.seed": seed, "adapt.estimator": "exact"})
+        checkpoint = None
+        if src.checkpoint is not None:  # the source's checkpoint with the adapted statistics: adaptable again
+            state = CheckpointState.load(src.checkpoint)
+            checkpoint = str(Path(tmp) / "checkpoint.pt")
+            state.model_copy(update={"model": model.model.state_dict()}).save(checkpoint)
         # MLflow prints "Successfully registered model ..." itself; the caller says it once.
         with contextlib.redirect_stderr(io.StringIO()):
-            names = class_names or [str(i) for i in range(int(model(torch.zeros(2, num_features)).shape[1]))]
-            logged = served.log(model, "model_adapted", names, spec_names, register)
+            names = src.class_names or [str(i) for i in range(int(model(torch.zeros(2, num_features)).shape[1]))]
+            logged = served.log(model, "model_adapted", names, src.feature_names, register, checkpoint=checkpoint,
+                                features_column=src.features_column)
     version = str(logged.registered_model_version) if register and getattr(logged, "registered_model_version", None) else None
     return Adapted(run.info.run_id, experiment_id, f"runs:/{run.info.run_id}/model_adapted", n, version)
-
-
-def _feature_names(info) -> Optional[list[str]]:
-    """Column names of a model logged from a wide table (its DataFrame signature), else None."""
-    sig = info.signature
-    if sig is None or sig.inputs is None or not sig.inputs.has_input_names():
-        return None
-    return sig.inputs.input_names()
 
 
 def command(args) -> int:

@@ -19,10 +19,11 @@ def submit_command(args) -> int:
     run_id, tags = session.run_identity(args.run_id, args.slot, args.schedule, cfg.name)
     address = submit.dashboard_address(args.address)
     run_args, env = submit.plan(cfg, args.recipe, args.overrides, address)
+    code = submit.user_code(cfg)  # the network's module imported here: a typo is one line before anything is submitted
     run_args += ["--slot", tags["bnflow.slot"], "--schedule", tags["bnflow.schedule"]] if tags else ["--run-id", run_id]
     if args.verbose:
         run_args.append("--verbose")
-    return submit.submit(submit.connect(address), run_args, env, run_id, args.wait, say, metadata=tags)
+    return submit.submit(submit.connect(address), run_args, env, run_id, args.wait, say, metadata=tags, code=code)
 
 
 def schedule_command(args) -> int:
@@ -47,6 +48,7 @@ def schedule_command(args) -> int:
     name = slots.check_schedule_name(args.schedule or cfg.name)
     address = submit.dashboard_address(args.address)
     submit.plan(cfg, args.recipe, args.overrides, address)  # refused now, not at the first slot
+    submit.user_code(cfg)  # and the network's module imports here
     client = submit.connect(address)
 
     def submit_slot(slot):
