@@ -1,6 +1,7 @@
 """`pipeline submit` against a real `ray start --head` with token auth and a real MLflow server:
 a slot runs once, its retries never start a second run, a user error in the job is exit code 2,
-a missing or wrong token is one line."""
+a missing or wrong token is one line, a network package that only the submitting machine has trains
+on the cluster."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def head(tmp_path_factory):
     stop_ray_head(proc)
 
 
-def _submit(address, *args, token=None, home=None):
+def _submit(address, *args, token=None, home=None, pythonpath=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
     if token:
         env["RAY_AUTH_TOKEN"] = token
     if home:
@@ -119,3 +122,57 @@ def test_the_scheduler_submits_the_due_slot_once_through_the_same_path(head, mlf
     assert again.returncode == 0
     if not again.stdout.count("submitted job"):  # unless a new 5-minute slot began in between
         assert {s for s in _jobs(address, token) if s.startswith("bnflow-sched-")} == {sid}
+
+
+TINY_CNN = """
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+"""
+
+
+def test_a_network_package_only_the_submitting_machine_has_trains_on_the_cluster(head, mlflow_server, tmp_path):
+    address, token = head
+    name = f"userpkg_{secrets.token_hex(4)}"
+    elsewhere = tmp_path / "elsewhere"  # beside nothing the cluster knows: not in the checkout, not installed
+    (elsewhere / name).mkdir(parents=True)
+    (elsewhere / name / "__init__.py").write_text("")
+    (elsewhere / name / "nets.py").write_text(TINY_CNN)
+    cluster_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # what the head was started with
+    assert subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, env=cluster_env, capture_output=True).returncode != 0
+
+    class_path = f"{name}.nets:TinyCNN"
+    common = ["--set", "train.epochs=1", "--set", "recalibrate.estimator=ema", "--set", f"storage={tmp_path / 'runs'}",
+              "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=submit-code"]
+    code, out, err = _submit(address, "--set", f"train.model.class_path={class_path}", *common, "--run-id", "usercode",
+                             token=token, pythonpath=elsewhere)
+    assert code == 0, out + err
+    assert f"shipping {elsewhere / name} with the job (py_modules): train.model.class_path's package '{name}'" in out
+    assert "submitted job bnflow-usercode (run usercode)" in out and "[bnflow] stage 5/5 evaluate: done" in out
+    assert err == ""
+    assert _jobs(address, token)["bnflow-usercode"].status == "SUCCEEDED"
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("submit-code")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RUN_ID}` = 'usercode'")
+    train = next(r for r in runs if r.data.tags[TAG_STAGE] == "train")
+    assert train.info.status == "FINISHED"
+    assert train.data.params["train.model.class_path"] == class_path
+
+    before = set(_jobs(address, token))
+    missing = f"nowhere_{secrets.token_hex(4)}"
+    code, out, err = _submit(address, "--set", f"train.model.class_path={missing}.nets:TinyCNN", *common, "--run-id", "nocode",
+                             token=token, pythonpath=elsewhere)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: train.model.class_path={missing}.nets:TinyCNN: no module named '{missing}'")
+    assert set(_jobs(address, token)) == before  # nothing submitted
