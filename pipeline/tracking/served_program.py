@@ -65,7 +65,7 @@ class ServedProgram(mlflow.pyfunc.PythonModel):
         x = np.asarray(model_input, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"input of shape {x.shape}; the model takes rows of {self.num_features} raw features")
-        return np.ascontiguousarray(x)
+        return np.array(x, order="C")  # a copy: pandas may hand over a read-only view, which torch warns about
 
 
 mlflow.models.set_model(ServedProgram())

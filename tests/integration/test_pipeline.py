@@ -411,3 +411,37 @@ def test_a_wide_table_trains_and_its_served_model_takes_columns_by_name(mlflow_s
     assert (out["predicted_name"] == np.array(["barolo", "grignolino", "barbera"])[test["label"].to_numpy()]).mean() >= 0.8
     with pytest.raises(MlflowException, match="proline"):
         model.predict(x.drop(columns=["proline"]))
+
+
+@pytest.mark.parametrize("policy", ["freeze", "freeze_stats"])
+def test_fine_tuning_a_logged_model_with_frozen_bn_keeps_every_bn_buffer_bitwise(digits_run, mlflow_server, policy):
+    """Warm start from the first run's logged model (an MLflow URI) with train.model.bn frozen: every
+    BatchNorm buffer of the trained and the recalibrated checkpoint is the source's, bit for bit
+    (recalibration leaves frozen layers alone); freeze also keeps gamma/beta, freeze_stats trains
+    them; the network starts from the source's weights (its first epoch's loss is far below a
+    fresh start's)."""
+    import torch
+
+    from schemas.artifacts import CheckpointState
+
+    args, storage, client = digits_run
+    recal = next(r for r in _runs(client, "itest", "itest-digits") if r.data.tags[TAG_STAGE] == "recalibrate")
+    source = CheckpointState.load(storage / "itest-digits" / "recalibrate" / "checkpoint.pt")
+    run_id = f"itest-{policy.replace('_', '-')}"
+    assert main(["run", "--recipe", "digits", "--run-id", run_id, "--set", f"storage={storage}",
+                 "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=itest-finetune",
+                 "--set", "train.epochs=1", "--set", f"train.model.bn={policy}",
+                 "--set", f"train.model.weights=runs:/{recal.info.run_id}/model_recalibrated"]) == 0
+    trained = CheckpointState.load(storage / run_id / "train" / "checkpoint.pt")
+    recalibrated = CheckpointState.load(storage / run_id / "recalibrate" / "checkpoint.pt")
+    bn = [k for k in source.model if k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")]
+    assert len(bn) == 6  # two BatchNorm1d layers in the digits MLP
+    for state in (trained, recalibrated):
+        assert all(torch.equal(state.model[k], source.model[k]) for k in bn)
+    assert "frozen" in recalibrated.recalibration["skipped"]
+    affine = [k.replace("running_mean", w) for k in bn if k.endswith("running_mean") for w in ("weight", "bias")]
+    same_affine = all(torch.equal(trained.model[k], source.model[k]) for k in affine)
+    assert same_affine == (policy == "freeze")
+    assert not torch.equal(trained.model["body.0.weight"], source.model["body.0.weight"])  # it did train
+    fresh = json.loads((storage / "itest-digits" / "train" / "history.json").read_text())[0]["train_loss"]
+    assert trained.history[0]["train_loss"] < 0.5 * fresh
