@@ -47,6 +47,27 @@ def _user_data(root: Path, kind: str) -> Path:
     return root
 
 
+def _user_package(root: Path) -> Path:
+    """A module of networks the way a user writes them, outside the checkout: ``Net`` is fine,
+    ``Pooled`` forgets its classifier (returns (N, 16) features, not 10 logits)."""
+    root.mkdir(parents=True)
+    (root / "usernets.py").write_text(
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, in_features, num_classes, depth=1):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n"
+        "class Pooled(nn.Module):\n"
+        "    def __init__(self, in_features):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 16), nn.BatchNorm1d(16))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n")
+    return root
+
+
 def _run(tmp_path, *sets, run_id="bad", env=None):
     args = [sys.executable, "-m", "pipeline", "run", "--recipe", "digits", "--run-id", run_id,
             "--set", f"storage={tmp_path / 'storage'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
@@ -102,6 +123,15 @@ def _no_running_runs(tmp_path):
     ("num_classes the labels do not reach", ["data.source=parquet", "data.path={data}", "data.num_classes=10"], None,
      "data.num_classes=10 but the train labels use only 3 classes"),
     ("unknown optimizer knob", ["train.optimizer.beta1=0.5"], None, "not a setting of the sgd optimizer"),
+    # Issue 22: the user's network, checked by building it and one forward before Ray starts.
+    ("network module missing", ["train.model.class_path=nopkg.nets:Net"], None, "no module named 'nopkg'"),
+    ("network class missing", ["train.model.class_path=usernets:Nett"], {"PYTHONPATH": "{user}"},
+     "'usernets' has no attribute 'Nett'"),
+    ("init_args the signature lacks", ["train.model.class_path=usernets:Net", "train.model.init_args={{depthh: 2}}"],
+     {"PYTHONPATH": "{user}"}, "train.model.init_args do not fit usernets:Net"),
+    ("network returns the wrong shape", ["train.model.class_path=usernets:Pooled"], {"PYTHONPATH": "{user}"},
+     "it must return (N, num_classes=10) logits"),
+    ("weights file missing", ["train.model.weights={user}/none.pt"], None, "train.model.weights="),
 ])
 def test_fails_before_any_compute_with_one_line(tmp_path, case, sets, env, words):
     port = free_port()
@@ -109,7 +139,7 @@ def test_fails_before_any_compute_with_one_line(tmp_path, case, sets, env, words
             "feature strings": "strings", "test split with more features": "wider_test", "null label": "null_label",
             "num_classes the labels do not reach": "good"}.get(case)
     data = _user_data(tmp_path / "user", kind) if kind else None
-    fill = {"port": port, "data": data}
+    fill = {"port": port, "data": data, "user": _user_package(tmp_path / "code")}
     sets = [s.format(**fill) for s in sets]
     env = {k: v.format(**fill) for k, v in (env or {}).items()}
     run_id = "../escape" if case == "run id with a separator" else "bad"
