@@ -1,8 +1,8 @@
 """How the stages write their Parquet splits: pyarrow's defaults against ``tasks.arrow_io.write_file``
 (no dictionary encoding), side by side in one process, on a standardized Fashion-MNIST train split.
 
-Per repeat and per way of writing: write the split in ROWS_PER_FILE files, then read rank 0 of 2's
-shard the way a training worker does (``tasks.train_loop.read_shard``), then delete the files. Medians of
+Per repeat and per way of writing: write the split in ROWS_PER_FILE files, then read the first
+half of it in stored order as a validating worker does (``tasks.reader.Split.slice``), then delete the files. Medians of
 ``--repeats``; the ratios are the figures (the machine is noisy).
 
     python -m benchmarks.parquet_io [--rows 54000] [--repeats 5]
@@ -36,7 +36,7 @@ def main() -> None:
     from tasks import arrow_io
     from tasks.ingest import FASHION_MNIST_DIR, _fashion_mnist
     from tasks.reader import list_parquet
-    from tasks.train_loop import read_shard
+    from tasks.reader import Split
 
     (x, y), _ = _fashion_mnist(Path(FASHION_MNIST_DIR))
     x, y = x[: args.rows], y[: args.rows]
@@ -55,9 +55,10 @@ def main() -> None:
                 write_s = time.perf_counter() - t0
                 files = list_parquet(str(out))
                 t0 = time.perf_counter()
-                xs, ys = read_shard(files, 0, 2)
+                half = Split(files).slice(0, args.rows // 2)
+                xs, ys = arrow_io.features_numpy(half), arrow_io.labels_numpy(half)
                 read_s = time.perf_counter() - t0
-                assert np.array_equal(xs.numpy(), x[0::2][: args.rows // 2]) and np.array_equal(ys.numpy(), y[0::2][: args.rows // 2])
+                assert np.array_equal(xs, x[: args.rows // 2]) and np.array_equal(ys, y[: args.rows // 2])
                 runs[name].append({"write_s": write_s, "read_shard_s": read_s,
                                    "bytes": sum(Path(f).stat().st_size for f in files)})
                 shutil.rmtree(out)

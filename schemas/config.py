@@ -247,6 +247,9 @@ class TrainConfig(_Strict):
         None, description="BatchNorm across workers: sync (statistics of the global batch) or local (per-worker batch). Default: sync when workers > 1.")
     epochs: int = Field(10, ge=1, description="Passes over the training split.")
     batch_size: int = Field(128, ge=1, description="Per-worker mini-batch size; the global batch is workers x batch_size.")
+    shuffle_buffer_rows: int = Field(
+        32768, ge=1, description="Rows each worker's shuffle buffer holds while it streams its shard (tasks/stream.py): "
+                                 "memory is this x a row's bytes; at or above the shard's rows, a full shuffle of it.")
     optimizer: OptimizerConfig = Field(
         default_factory=SGDConfig,
         description="Optimizer (name: sgd, adam, rmsprop, adagrad, adadelta) and only its own hyperparameters. "

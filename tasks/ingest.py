@@ -26,59 +26,111 @@ DIGITS_TEST_FRACTION = 0.2
 
 
 def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
-    """Read ``cfg.source`` and write train/val/test splits under ``out_dir``.
+    """Read ``cfg.source`` and write train/val/test splits under ``out_dir``, batch by batch.
 
     The val split is a seeded random share of the training rows; the test split is kept apart.
     The class count is the built-in sources' 10, else ``data.num_classes``, else the train labels'
     largest + 1 (``class_count``).
+
+    Memory: a parquet source is read one row group at a time, in two passes (the labels alone,
+    then every column) and written through ``arrow_io.SplitWriter``; beside a batch, ingest holds
+    the labels (8 bytes a row) and the rows' split assignment (1 byte a row), never the features.
+    The built-in sources are small and read whole.
 
     Raises:
         DataError: a missing file or a source that breaks the data contract.
     """
     feature_names = None
     if cfg.source == "fashion_mnist":
-        (x_train, y_train), (x_test, y_test) = _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR))
+        train, test = (_in_memory(*xy) for xy in _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR)))
         image_shape, pixel_max = (1, 28, 28), 255.0
         class_names = cfg.class_names or FASHION_MNIST_CLASSES
     elif cfg.source == "digits":
-        (x_train, y_train), (x_test, y_test) = _digits()
+        train, test = (_in_memory(*xy) for xy in _digits())
         image_shape, pixel_max = (1, 8, 8), 16.0
         class_names = cfg.class_names or [str(i) for i in range(10)]
     else:
         if not cfg.path:
             raise DataError("data.path is not set: the parquet source needs a directory holding train/ and test/ Parquet")
-        (x_train, y_train), (x_test, y_test), feature_names = _parquet(cfg)
-        image_shape, class_names = cfg.image_shape, cfg.class_names
-        pixel_max = float(max(np.nanmax(x_train), 1e-12)) if len(x_train) else 1.0
+        train, test, feature_names = _parquet(cfg)
+        image_shape, class_names, pixel_max = cfg.image_shape, cfg.class_names, None
     if cfg.shift is not None and not image_shape:
         raise DataError("data.shift: corruptions need image data; set data.image_shape for a parquet source of images "
                         "or remove data.shift")
+    y_train, y_test = train.labels(), test.labels()
     num_classes = class_count(cfg, y_train, y_test)
 
     rng = np.random.default_rng(seed)
-    if cfg.max_train_rows is not None and cfg.max_train_rows < len(y_train):
-        keep = np.sort(rng.permutation(len(y_train))[: cfg.max_train_rows])
-        x_train, y_train = x_train[keep], y_train[keep]
-    if cfg.max_test_rows is not None:
-        x_test, y_test = x_test[: cfg.max_test_rows], y_test[: cfg.max_test_rows]
+    n = len(y_train)
+    kept = np.arange(n)
+    if cfg.max_train_rows is not None and cfg.max_train_rows < n:
+        kept = np.sort(rng.choice(n, size=cfg.max_train_rows, replace=False))
+    n_val = max(1, int(round(cfg.val_fraction * len(kept))))
+    if len(kept) - n_val < 2:
+        raise DataError(f"data: only {len(kept)} training rows; need at least 2 after the val split -- add rows or lower data.val_fraction")
+    role = np.zeros(n, dtype=np.int8)  # 0: left out, 1: train, 2: val
+    role[kept] = TRAIN
+    role[kept[rng.choice(len(kept), size=n_val, replace=False)]] = VAL
+    n_test = len(y_test) if cfg.max_test_rows is None else min(cfg.max_test_rows, len(y_test))
+    del y_train, y_test
 
-    perm = rng.permutation(len(y_train))
-    n_val = max(1, int(round(cfg.val_fraction * len(y_train))))
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    if len(train_idx) < 2:
-        raise DataError(f"data: only {len(y_train)} training rows; need at least 2 after the val split -- add rows or lower data.val_fraction")
-
-    d = x_train.shape[1]
+    d = train.num_features()
     meta = {"bnflow.image_shape": ",".join(map(str, image_shape)) if image_shape else ""}
     schema = arrow.example_schema(d, meta)
-    parts = {"train": (x_train[train_idx], y_train[train_idx]), "val": (x_train[val_idx], y_train[val_idx]),
-             "test": (x_test, y_test)}
+    writers = {name: arrow_io.SplitWriter(out_dir / name, schema) for name in ("train", "val", "test")}
+    start, top = 0, 0.0
+    for x, y in train.batches():
+        r = role[start : start + len(y)]
+        start += len(y)
+        for name, code in (("train", TRAIN), ("val", VAL)):
+            writers[name].write(arrow_io.to_table(x[r == code], y[r == code], schema))
+        if len(y):
+            top = max(top, float(np.nanmax(x)))
+    shift_rows = cfg.shift.rows if cfg.shift is not None else 0
+    head: list[tuple[np.ndarray, np.ndarray]] = []  # the first test rows, for the corrupted copies
+    start = 0
+    for x, y in test.batches():
+        x, y = x[: n_test - start], y[: n_test - start]
+        if test.num_features() != d:
+            raise DataError(f"data.path: the test split's rows have {test.num_features()} features, the train split's "
+                            f"{d}; give both splits the same features")
+        writers["test"].write(arrow_io.to_table(x, y, schema))
+        if start < shift_rows:
+            head.append((x[: shift_rows - start], y[: shift_rows - start]))
+        start += len(y)
+        if start >= n_test:
+            break
+    splits = {name: w.close() for name, w in writers.items()}
     if cfg.shift is not None:
-        parts.update(shifted_splits(cfg.shift, x_test, y_test, image_shape, pixel_max))
-    splits = {name: arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name) for name, (x, y) in parts.items()}
+        x_head = np.concatenate([h[0] for h in head]) if head else np.zeros((0, d), np.float32)
+        y_head = np.concatenate([h[1] for h in head]) if head else np.zeros(0, np.int64)
+        pixel_max = pixel_max if pixel_max is not None else max(top, 1e-12)
+        for name, (x, y) in shifted_splits(cfg.shift, x_head, y_head, image_shape, pixel_max).items():
+            splits[name] = arrow_io.write_split(arrow_io.to_table(x, y, schema), out_dir / name)
     return Dataset(splits=splits, num_features=d, num_classes=num_classes, image_shape=image_shape,
                    feature_names=feature_names, class_names=class_names,
                    features_column=cfg.features_column if cfg.source == "parquet" and not feature_names else "features")
+
+
+TRAIN, VAL = 1, 2
+BATCH_ROWS = 16384  # rows per batch of a built-in source held in memory
+
+
+class _in_memory:
+    """A built-in source's split, already in memory, read in batches as a parquet source is."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+
+    def labels(self) -> np.ndarray:
+        return self.y
+
+    def num_features(self) -> int:
+        return self.x.shape[1]
+
+    def batches(self):
+        for s in range(0, max(len(self.y), 1), BATCH_ROWS):
+            yield self.x[s : s + BATCH_ROWS], self.y[s : s + BATCH_ROWS]
 
 
 def shifted_splits(cfg, x_test: np.ndarray, y_test: np.ndarray, image_shape, pixel_max: float) -> dict:
@@ -129,28 +181,78 @@ def _digits():
     return (x[train], y[train].astype(np.int64)), (x[test], y[test].astype(np.int64))
 
 def _parquet(cfg: DataConfig):
+    """(train, test, the wide table's feature columns or None): the splits of a parquet source,
+    read lazily, one row group at a time."""
     check_source(cfg)  # every file's footer: readable, the configured columns, numeric types
     root = Path(cfg.path)
-    tables = {}
     first = parquet_files(root, "train")[0]
     wide = feature_columns(arrow_io.read_schema(first), cfg, str(first))
-    for split in ("train", "test"):
-        files = parquet_files(root, split)
-        parts = [_as_list_column(table, cfg, wide, str(f)) for f in files
-                 for table in Split([str(f)]).batches()]
-        try:
-            tables[split] = pa.concat_tables(parts, promote_options="permissive")
-        except pa.ArrowException as e:
-            raise DataError(f"data.path: the files of the {split} split have different schemas ({e}); give them one schema") from None
-    schemas = {s: t.schema for s, t in tables.items()}
-    differ = arrow.diff(schemas["test"].remove_metadata(), schemas["train"].remove_metadata())
+    train, test = (_ParquetSplit(cfg, split, [str(f) for f in parquet_files(root, split)], wide) for split in ("train", "test"))
+    differ = arrow.diff(test.schema().remove_metadata(), train.schema().remove_metadata())
     if differ:
         raise DataError(f"data.path: the test split's schema differs from train: {'; '.join(differ)}")
-    (x_train, y_train), (x_test, y_test) = [_parquet_split(tables[s], cfg, s) for s in ("train", "test")]
-    if x_test.shape[1] != x_train.shape[1]:  # list columns without a fixed size: the footers may not tell
-        raise DataError(f"data.path: the test split's rows have {x_test.shape[1]} features, the train split's "
-                        f"{x_train.shape[1]}; give both splits the same features")
-    return (x_train, y_train), (x_test, y_test), wide
+    return train, test, wide
+
+
+class _ParquetSplit:
+    """One split of a parquet source: its labels (one pass over the label column), then its rows as
+    (features (n, D) float32, labels (n,) int64) batches, one row group at a time, each checked
+    against the data contract as it is read."""
+
+    def __init__(self, cfg: DataConfig, split: str, files: list[str], wide: Optional[list[str]]):
+        self.cfg, self.split, self.files, self.wide = cfg, split, files, wide
+        self._d: Optional[int] = None
+
+    def schema(self) -> pa.Schema:
+        """The (features, label) schema its rows take (from the first file's footer)."""
+        return _as_list_column(arrow_io.read_schema(self.files[0]).empty_table(), self.cfg, self.wide, self.files[0]).schema
+
+    def labels(self) -> np.ndarray:
+        parts, nulls = [], 0
+        for f in self.files:
+            for table in Split([f]).batches(columns=[self.cfg.label_column]):
+                col = table.column(0)
+                nulls += col.null_count
+                parts.append(col.to_numpy(zero_copy_only=False))
+        if nulls:
+            raise DataError(f"data.label_column: {nulls} null label(s) in the {self.split} split; fill or drop them")
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+    def num_features(self) -> int:
+        if self._d is None:
+            self._d = next((len(x[0]) for x, _ in self.batches() if len(x)), 0)
+        return self._d
+
+    def batches(self):
+        for f in self.files:
+            for table in Split([f]).batches():
+                yield self._rows(_as_list_column(table, self.cfg, self.wide, f), f)
+
+    def _rows(self, table: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
+        cfg, split = self.cfg, self.split
+        labels = table.column(cfg.label_column).combine_chunks()
+        feats = table.column(cfg.features_column).combine_chunks()
+        if feats.null_count:
+            raise DataError(f"data.features_column: {feats.null_count} null feature row(s) in the {split} split "
+                            f"(in a row group of {where}); fill or drop them")
+        if table.num_rows == 0:
+            return np.zeros((0, self._d or 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+        lengths = pc.list_value_length(feats).to_numpy(zero_copy_only=False)
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if self._d is not None:
+            lo, hi = min(lo, self._d), max(hi, self._d)
+        if lo != hi:
+            raise DataError(f"data.features_column: rows of different lengths in the {split} split ({lo}..{hi}); "
+                            "every row needs the same number of features")
+        d = self._d = hi
+        if cfg.image_shape is not None and int(np.prod(cfg.image_shape)) != d:
+            raise DataError(f"data.image_shape={list(cfg.image_shape)} has {int(np.prod(cfg.image_shape))} values but rows have {d} features")
+        values = pc.list_flatten(feats)
+        if values.null_count:
+            raise DataError(f"data.features_column: {values.null_count} null value(s) inside feature rows of the {split} split "
+                            f"(in a row group of {where}); fill or drop them")
+        x = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+        return x, labels.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _as_list_column(table: pa.Table, cfg: DataConfig, wide: Optional[list[str]], where: str) -> pa.Table:
@@ -168,27 +270,3 @@ def _as_list_column(table: pa.Table, cfg: DataConfig, wide: Optional[list[str]],
     flat = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]).reshape(-1)
     feats = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), len(wide))
     return pa.table({cfg.features_column: feats.cast(pa.list_(pa.float32())), cfg.label_column: table.column(cfg.label_column)})
-
-
-def _parquet_split(table: pa.Table, cfg: DataConfig, split: str):
-    if table.num_rows == 0:
-        raise DataError(f"data: the {split} split is empty; it needs at least one row")
-    labels = table.column(cfg.label_column)
-    if labels.null_count:
-        raise DataError(f"data.label_column: {labels.null_count} null label(s) in the {split} split; fill or drop them")
-    feats = table.column(cfg.features_column).combine_chunks()
-    if feats.null_count:
-        raise DataError(f"data.features_column: {feats.null_count} null feature row(s) in the {split} split; fill or drop them")
-    lengths = pc.list_value_length(feats).to_numpy(zero_copy_only=False)
-    if lengths.min() != lengths.max():
-        raise DataError(
-            f"data.features_column: rows of different lengths in the {split} split ({int(lengths.min())}..{int(lengths.max())}); "
-            "every row needs the same number of features")
-    d = int(lengths[0])
-    if cfg.image_shape is not None and int(np.prod(cfg.image_shape)) != d:
-        raise DataError(f"data.image_shape={list(cfg.image_shape)} has {int(np.prod(cfg.image_shape))} values but rows have {d} features")
-    values = pc.list_flatten(feats)
-    if values.null_count:
-        raise DataError(f"data.features_column: {values.null_count} null value(s) inside feature rows of the {split} split; fill or drop them")
-    x = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
-    return x, labels.to_numpy().astype(np.int64)

@@ -5,8 +5,9 @@ directly: ``tasks.arrow_io.check_split`` and ``tasks.source``.)
 A ``Split`` is a list of Parquet files in order; its rows are numbered globally over the files. It
 reads their footers once (row counts, row groups, schema) and then reads by row group, never a whole
 file or split at once unless asked to: ``batches`` yields one row group at a time (through an
-optional per-batch ``transform``: where decoding, normalization and augmentation go), ``take``
-reads the rows at given global indices from only the row groups that hold them.
+optional per-batch ``transform``: where decoding, normalization and augmentation go), ``slice``
+reads a range of rows and ``take`` the rows at given global indices, each from only the row groups
+that hold them.
 
 Files are opened through ``pyarrow.fs``: a local path or any URI pyarrow has a filesystem for, one
 code path. The files of a stage's output come from its manifest (``SplitInfo.files``), not from
@@ -97,6 +98,20 @@ class Split:
         """The whole split as one table: only for data known to be small (a gate's test rows)."""
         tables = list(self.batches(columns))
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+    def slice(self, start: int, stop: int, columns: Optional[list[str]] = None) -> pa.Table:
+        """Rows [start, stop) (global numbers), reading only the row groups that hold them."""
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        parts = []
+        for group in self.row_groups[max(first, 0):]:
+            if group.start >= stop:
+                break
+            lo, hi = max(start, group.start) - group.start, min(stop, group.start + group.rows) - group.start
+            table = self.read(group, columns)
+            parts.append(table if (lo, hi) == (0, group.rows) else table.slice(lo, hi - lo))
+        if not parts:
+            return (self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])).empty_table()
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
     def take(self, index: np.ndarray, columns: Optional[list[str]] = None) -> pa.Table:
         """The rows at global numbers ``index``, in that order, reading only the row groups that

@@ -172,5 +172,6 @@ def _write_timings(epochs_file: Path, fit_called: float, fit_returned: float, on
         "loop_s": m.get("loop_end", fit_returned) - m["loop_start"],
         "loop_end_to_fit_return_s": fit_returned - m.get("loop_end", fit_returned),
         "fit_s": fit_returned - fit_called,
+        "rank0_peak_rss_mb": report["clock"].get("peak_rss_bytes", 0) / 2**20,  # the worker process, at its last epoch
     }
     path.write_text(json.dumps(out, indent=1))

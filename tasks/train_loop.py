@@ -1,6 +1,6 @@
 """The train stage's worker side: the loop every Ray Train worker runs, read top to bottom.
 
-Data (its strided shard of the split), model (built, restored from a checkpoint, then wrapped for
+Data (its share of the split, streamed: ``tasks.stream``), model (built, restored from a checkpoint, then wrapped for
 distribution in one place: ``distribute``), the steps, validation on every rank, and rank 0's
 checkpoint per epoch. The driver side (the trainer, progress, timings) is ``tasks.train``.
 """
@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +20,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from schemas.artifacts import CheckpointState, ModelSpec, Network, NormStats
 from schemas.config import LRScheduleConfig, OptimizerConfig, TrainConfig
-from tasks import arrow_io
 from tasks.convergence import GradMonitor, best_epoch, stop_reason
 from tasks.nn import convert_sync_batchnorm
 from tasks.nn.models import from_network
 from tasks.nn.network import load_weights, read_weights
-from tasks.reader import Split
+from tasks.stream import ShardStream
 from tasks.train_progress import ProgressWriter
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -45,8 +43,8 @@ def train_loop(config: dict) -> None:
     spec = ModelSpec.model_validate(config["spec"])
 
     clock = Clock()  # where the seconds go; rank 0's is reported
-    x_train, y_train = read_shard(config["files"]["train"], rank, world, spec.input_shape)
-    x_val, y_val = read_shard(config["files"]["val"], rank, world, spec.input_shape, equal=False)
+    train_data = ShardStream(config["files"]["train"], rank, world, spec.input_shape, cfg.shuffle_buffer_rows)
+    val_data = ShardStream(config["files"]["val"], rank, world, spec.input_shape, cfg.shuffle_buffer_rows)
     clock.mark("data_ready")
     network = Network.model_validate(config["network"])
     model = from_network(network, cfg.model.init_scheme)
@@ -66,15 +64,15 @@ def train_loop(config: dict) -> None:
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.rng["torch"])
         history, best_model, stopped = state.history, state.best_model, state.stop_reason
-    progress = ProgressWriter(config["out_dir"], steps=len(y_train) // cfg.batch_size, history=history,
+    steps = train_data.steps(cfg.batch_size)
+    progress = ProgressWriter(config["out_dir"], steps=steps, history=history,
                               clock=clock) if rank == 0 else None
     clock.mark("model_built")
     ddp_model = distribute(model, cfg.bn_mode, world)
     clock.mark("ddp_ready")
 
     # DDP and SyncBatchNorm need every rank to take the same number of steps, or the rank with an
-    # extra step waits forever in a collective. read_shard promises equal shards; check it.
-    steps = len(y_train) // cfg.batch_size
+    # extra step waits forever in a collective. ShardStream promises equal shares; check it.
     if world > 1:
         both = torch.tensor([steps, -steps], dtype=torch.float64)
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
@@ -91,10 +89,8 @@ def train_loop(config: dict) -> None:
         freeze_bn(model, cfg.model.bn)  # after train(): frozen layers stay in eval mode
         lr = optimizer.param_groups[0]["lr"]
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
-        order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(data_order_seed(config["seed"], epoch, rank)))
-        for s in range(steps):
-            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+        for s, (xb, yb) in enumerate(train_data.epoch(epoch, config["seed"], cfg.batch_size)):
+            xb, yb = xb.to(device), yb.to(device)
             logits = ddp_model(xb)
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
@@ -124,7 +120,7 @@ def train_loop(config: dict) -> None:
             return
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             with clock.span("validation"):
-                metrics.update(validate(model, x_val, y_val, device, world, cfg.bn_mode))
+                metrics.update(validate(model, val_data, device, world, cfg.bn_mode))
         metrics.update(grads.epoch_metrics())
         # Every rank keeps the history: the stopping rule reads it, and its inputs (all-reduced
         # losses) are the same on every rank, so all ranks stop after the same epoch.
@@ -184,34 +180,6 @@ class Clock:
             self.stop(name)
 
 
-def data_order_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of the shuffle of ``rank``'s shard in ``epoch``: a function of these alone, so a resumed
-    or restarted run visits the rows in the same order as an uninterrupted one."""
-    return (seed * 1_000_003 + epoch) * 1_009 + rank
-
-
-def read_shard(files: list[str], rank: int, world: int, input_shape: tuple[int, ...],
-               equal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank`` of ``world``'s rows of a split as in-memory tensors, each example of
-    ``input_shape`` ((C, H, W) images, (D,) rows).
-
-    Every ``world``-th row from row ``rank`` on, over the files in order. With ``equal``, the same
-    number on every rank (the last ``rows % world`` rows of the split are left out): DDP needs equal
-    step counts. Strided rather than contiguous shards give every rank every class even when a split
-    is sorted by label. Read by row group (``tasks.reader``) from the storage every node sees: no Ray
-    Data pipeline between the files and the loop.
-    """
-    split = Split(files)
-    mine = np.arange(rank, split.rows, world)
-    if equal:
-        mine = mine[: split.rows // world]
-    table = split.take(mine)
-    if table.num_rows == 0:
-        return torch.empty((0, *input_shape)), torch.empty(0, dtype=torch.int64)
-    x = torch.from_numpy(np.require(arrow_io.features_numpy(table), requirements="W")).view(-1, *input_shape)
-    return x, torch.from_numpy(arrow_io.labels_numpy(table).astype(np.int64))
-
-
 def freeze_bn(model: nn.Module, policy: str) -> None:
     """``train.model.bn``: with ``freeze_stats`` or ``freeze`` every BatchNorm layer normalizes with
     its running statistics and never moves them (eval mode; no collective under SyncBatchNorm
@@ -246,15 +214,15 @@ def ddp_kwargs(bn_mode: str) -> dict:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, world: int, bn_mode: str,
+def validate(model: nn.Module, data: ShardStream, device, world: int, bn_mode: str,
              batch_size: int = 2048) -> dict[str, float]:
     """``val_loss`` (mean cross-entropy) and ``val_accuracy`` over every val row, on every rank.
 
-    Each rank scores its own share of the rows (eval mode: BN uses running statistics) and the sums
-    are all-reduced, so validation costs each rank 1/world of it instead of rank 0 all of it while
-    the others wait. The model scored is rank 0's: parameters are identical under DDP, and with
-    local BN the running statistics (which differ per rank) are first taken from rank 0, as DDP
-    itself does before every training forward; under sync BN they are identical already.
+    Each rank scores its own part of the rows (``ShardStream.in_order``; eval mode: BN uses running
+    statistics) and the sums are all-reduced, so validation costs each rank 1/world of it instead of
+    rank 0 all of it while the others wait. The model scored is rank 0's: parameters are identical
+    under DDP, and with local BN the running statistics (which differ per rank) are first taken from
+    rank 0, as DDP itself does before every training forward; under sync BN they are identical already.
     """
     if world > 1 and bn_mode != "sync":
         for buffer in model.buffers():
@@ -262,9 +230,9 @@ def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, world: 
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
-    for s in range(0, len(y), batch_size):
-        logits = model(x[s : s + batch_size].to(device))
-        yb = y[s : s + batch_size].to(device)
+    for xb, yb in data.in_order(batch_size):
+        xb, yb = xb.to(device), yb.to(device)
+        logits = model(xb)
         sums += torch.stack([F.cross_entropy(logits, yb, reduction="sum").double(), (logits.argmax(1) == yb).sum().double(),
                              torch.tensor(float(len(yb)), dtype=torch.float64)]).cpu()
     model.train(was_training)

@@ -46,9 +46,17 @@ class ProgressWriter:
         write_atomic(self.dir / PROGRESS_FILE, json.dumps({"epoch": epoch, "step": step, "steps": self.steps}))
 
     def epoch_done(self, epoch: int) -> None:
+        clock = {"marks": self.clock.marks, "spans": self.clock.spans, "peak_rss_bytes": peak_rss_bytes()}
         write_atomic(self.dir / EPOCHS_FILE, json.dumps({"resumed_after": self.resumed_after, "history": self.history,
-                                                         "clock": {"marks": self.clock.marks, "spans": self.clock.spans}}))
+                                                         "clock": clock}))
         write_atomic(self.dir / PROGRESS_FILE, json.dumps({"epoch": epoch, "step": self.steps, "steps": self.steps}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def read(path: Path) -> Optional[dict]:

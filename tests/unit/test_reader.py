@@ -47,21 +47,13 @@ def test_take_returns_the_asked_rows_in_the_asked_order(split):
         Split(files).take(np.array([23]))
 
 
-def test_a_strided_shard_reads_like_numpy_slicing(split):
-    from tasks.train_loop import read_shard
-
+def test_a_slice_reads_like_numpy_slicing(split):
     files, x, y = split
-    for rank in range(3):
-        xs, ys = read_shard(files, rank, 3, x.shape[1:])
-        np.testing.assert_array_equal(xs.numpy(), x[rank::3][: 23 // 3])
-        np.testing.assert_array_equal(ys.numpy(), y[rank::3][: 23 // 3])
-    xs, _ = read_shard(files, 1, 3, x.shape[1:], equal=False)
-    np.testing.assert_array_equal(xs.numpy(), x[1::3])
-    # Image examples come shaped as the network takes them, (N, C, H, W), in the same row order.
-    d = x.shape[1]
-    images, _ = read_shard(files, 1, 3, (1, 1, d), equal=False)
-    assert images.shape == (len(x[1::3]), 1, 1, d)
-    np.testing.assert_array_equal(images.numpy().reshape(-1, d), x[1::3])
+    s = Split(files)
+    for a, b in [(0, 23), (3, 4), (2, 17), (22, 23), (5, 5)]:
+        table = s.slice(a, b)
+        np.testing.assert_array_equal(arrow_io.features_numpy(table).reshape(-1, x.shape[1]), x[a:b])
+        np.testing.assert_array_equal(arrow_io.labels_numpy(table), y[a:b])
 
 
 def test_listing_and_unreadable_files(split, tmp_path):

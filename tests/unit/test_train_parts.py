@@ -107,50 +107,6 @@ def test_resnet_is_6n_plus_2_layers_deep_and_takes_any_image_side():
         assert [b.conv2.out_channels for b in net.blocks][:: (depth - 2) // 6] == [8, 16, 32]
 
 
-def _split_sorted_by_label(tmp_path, sizes):
-    """A split of sum(sizes) rows over files of the given sizes, rows sorted by label (the case a
-    contiguous shard gets wrong), with row i's features all equal to i."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from schemas import arrow
-    from tasks import arrow_io
-
-    n = sum(sizes)
-    y = np.sort(np.arange(n) % 4)
-    x = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
-    table = arrow_io.to_table(x, y, arrow.example_schema(3))
-    files, start = [], 0
-    for i, k in enumerate(sizes):
-        f = tmp_path / f"part-{i:05d}.parquet"
-        pq.write_table(table.slice(start, k), f)
-        files.append(str(f))
-        start += k
-    return files, x, y
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_read_shard_gives_equal_strided_shards_that_cover_every_class(tmp_path, world):
-    import numpy as np
-
-    from tasks.train_loop import read_shard
-
-    files, x, y = _split_sorted_by_label(tmp_path, [9, 1, 0, 17, 13])  # 40 rows, an empty and a one-row file
-    per_rank = len(y) // world
-    seen = []
-    for rank in range(world):
-        xs, ys = read_shard(files, rank, world, (3,))
-        # independent reference: every world-th row from row `rank`, the first per_rank of them
-        np.testing.assert_array_equal(xs.numpy(), x[rank::world][:per_rank])
-        np.testing.assert_array_equal(ys.numpy(), y[rank::world][:per_rank])
-        assert ys.dtype == torch.int64 and len(ys) == per_rank
-        if world > 1:  # sorted by label, yet every rank sees every class
-            assert set(ys.tolist()) == {0, 1, 2, 3}
-        seen += xs[:, 0].tolist()
-    # disjoint, and only the split's last rows % world rows are left out
-    assert sorted(seen) == list(range(per_rank * world))
-
-
 def test_progress_watch_hands_each_new_epoch_to_on_epoch_once(tmp_path, capsys, monkeypatch):
     """The driver logs epochs as rank 0's epochs file shows them: each epoch after the one the
     attempt resumed from, once, even when the file is read many times or a restarted worker group
