@@ -9,8 +9,9 @@
   the order does not depend on the features), the measurement behind ``ROWS_PER_GROUP`` and the
   default ``train.shuffle_buffer_rows``; and the read time of one rank's epoch per group size.
 - ``epoch``: one rank of 2's epoch of real rows (batches of 128) with the default buffer against
-  the same reader with a buffer holding the whole shard (all in memory), median of ``--repeats``
-  alternating runs.
+  the same reader with a buffer holding the whole shard (all in memory): a training epoch of the
+  default recipe's LeNet-BN on one thread, as a worker runs it, and the reader alone; medians of
+  ``--repeats`` alternating runs.
 - ``raydata``: on 2 Ray Train workers, an epoch of ``ShardStream`` against Ray Data's
   ``iter_torch_batches`` (``local_shuffle_buffer_size`` the same) over the same Parquet files,
   alternating in the same workers; rank 0's median epoch seconds.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -120,24 +122,43 @@ def shuffle(root: Path, repeats: int) -> dict:
 
 
 def epoch(root: Path, repeats: int) -> dict:
-    from schemas.config import TrainConfig
+    import torch
+    import torch.nn.functional as F
+
+    from schemas.config import ModelConfig, TrainConfig
     from tasks import arrow_io
+    from tasks.nn.models import build_model
     from tasks.stream import ShardStream
 
+    torch.set_num_threads(1)  # as a worker with train.cpus_per_worker=1
     x, y = _fmnist()
     files = _write_split(x, y, root / "fmnist", arrow_io.ROWS_PER_GROUP)
     ways = {"stream_default_buffer": TrainConfig().shuffle_buffer_rows, "buffer_whole_shard": len(y)}
-    runs: dict[str, list[float]] = {k: [] for k in ways}
+    runs: dict[str, dict[str, list[float]]] = {k: {"reader_s": [], "train_epoch_s": []} for k in ways}
     for rep in range(repeats):
         for name in (list(ways) if rep % 2 == 0 else list(reversed(ways))):
+            stream = ShardStream(files, 0, WORLD, (1, 28, 28), ways[name])
             t0 = time.perf_counter()
-            for xb, yb in ShardStream(files, 0, WORLD, (1, 28, 28), ways[name]).epoch(rep + 1, 0, BATCH):
+            for xb, yb in stream.epoch(rep + 1, 0, BATCH):
                 xb.sum()
-            runs[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    out = {"rows": len(y), "rank": 0, "world": WORLD, "batch": BATCH, "repeats": repeats, "epoch_s": runs, "median_s": med,
-           "ratio_stream_over_in_memory": med["stream_default_buffer"] / med["buffer_whole_shard"]}
-    print(json.dumps(out), flush=True)
+            runs[name]["reader_s"].append(time.perf_counter() - t0)
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(kind="lenet"), (1, 28, 28), 10)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            t0 = time.perf_counter()
+            for xb, yb in stream.epoch(rep + 1, 0, BATCH):
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            runs[name]["train_epoch_s"].append(time.perf_counter() - t0)
+            print(name, rep, {k: v[-1] for k, v in runs[name].items()}, flush=True)
+    med = {k: {m: statistics.median(v[m]) for m in v} for k, v in runs.items()}
+    out = {"rows": len(y), "rank": 0, "world": WORLD, "batch": BATCH, "repeats": repeats, "model": "LeNet-BN, 1 thread",
+           "runs": runs, "median_s": med,
+           "train_epoch_ratio_stream_over_in_memory": med["stream_default_buffer"]["train_epoch_s"] / med["buffer_whole_shard"]["train_epoch_s"],
+           "reader_only_ratio_stream_over_in_memory": med["stream_default_buffer"]["reader_s"] / med["buffer_whole_shard"]["reader_s"]}
+    print(json.dumps({k: out[k] for k in ("median_s", "train_epoch_ratio_stream_over_in_memory", "reader_only_ratio_stream_over_in_memory")}), flush=True)
     return out
 
 
@@ -179,7 +200,10 @@ def raydata(root: Path, repeats: int) -> dict:
 
     x, y = _fmnist()
     files = _write_split(x, y, root / "fmnist", arrow_io.ROWS_PER_GROUP)
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, as the embedded pipeline runs
+    # 4 logical CPUs: the 2 workers' and 2 for Ray Data's read tasks (with none free they never start).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=str(root / "ray"), log_to_driver=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
     try:
         out_file = root / "raydata.json"
         trainer = TorchTrainer(
@@ -202,7 +226,8 @@ def raydata(root: Path, repeats: int) -> dict:
 
 def _source(root: Path, scale: int) -> Path:
     """A parquet source: Fashion-MNIST's train rows ``scale`` times (copies after the first jittered
-    by seeded noise of 2 grey levels, clipped) and its test rows, as list<float> pixels 0..255."""
+    by seeded noise of 2 grey levels, clipped) and its test rows, as list<float> pixels 0..255, in
+    files of 60,000 rows and row groups of 16,384."""
     import pyarrow.parquet as pq
 
     from schemas import arrow
@@ -214,20 +239,26 @@ def _source(root: Path, scale: int) -> Path:
     for name in ("train", "test"):
         (src / name).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(scale)
+    # One layout for every file and both sizes: a reader holds a row group's column chunk, so the
+    # source's group size (not its row count) sets ingest's floor; pyarrow's default would put a
+    # whole file in one group, dictionary-encoded or not depending on the values.
+    layout = {"row_group_size": 16384, "use_dictionary": False}
     for k in range(scale):
         xk = x if k == 0 else np.clip(x + rng.normal(0, 2.0, size=x.shape), 0, 255).astype(np.float32)
-        pq.write_table(arrow_io.to_table(xk, y, arrow.example_schema(784)), src / "train" / f"part-{k:03d}.parquet")
-    pq.write_table(arrow_io.to_table(xt, yt, arrow.example_schema(784)), src / "test" / "part-000.parquet")
+        pq.write_table(arrow_io.to_table(xk, y, arrow.example_schema(784)), src / "train" / f"part-{k:03d}.parquet", **layout)
+    pq.write_table(arrow_io.to_table(xt, yt, arrow.example_schema(784)), src / "test" / "part-000.parquet", **layout)
     return src
 
 
 def _child_prepare(src: str, out: str) -> None:
     """Child process: ingest + normalize the source; prints the artifacts and this process's peak RSS."""
+    from pipeline import cluster
     from tasks.ingest import ingest
     from tasks.normalize import normalize
     from tasks.train_progress import peak_rss_bytes
 
     cfg = _recipe(src)
+    cluster.connect(cfg)  # normalize's file groups are Ray tasks
     raw = ingest(cfg.data, Path(out) / "ingest", cfg.seed)
     data, stats = normalize(cfg.normalize, raw, Path(out) / "normalize")
     print(json.dumps({"data": data.model_dump(mode="json"), "stats": stats.model_dump(mode="json"),

@@ -114,6 +114,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
 
 TRAIN, VAL = 1, 2
 BATCH_ROWS = 16384  # rows per batch of a built-in source held in memory
+SOURCE_BATCH_ROWS = 4096  # the most rows of a user's file decoded at once, whatever its row groups
 
 
 class _in_memory:
@@ -210,7 +211,7 @@ class _ParquetSplit:
     def labels(self) -> np.ndarray:
         parts, nulls = [], 0
         for f in self.files:
-            for table in Split([f]).batches(columns=[self.cfg.label_column]):
+            for table in Split([f]).batches(columns=[self.cfg.label_column], max_rows=SOURCE_BATCH_ROWS):
                 col = table.column(0)
                 nulls += col.null_count
                 parts.append(col.to_numpy(zero_copy_only=False))
@@ -225,7 +226,7 @@ class _ParquetSplit:
 
     def batches(self):
         for f in self.files:
-            for table in Split([f]).batches():
+            for table in Split([f]).batches(max_rows=SOURCE_BATCH_ROWS):
                 yield self._rows(_as_list_column(table, self.cfg, self.wide, f), f)
 
     def _rows(self, table: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ from tasks import arrow_io
 from tasks.reader import Split
 
 PREFETCH_BATCHES = 4  # batches the reading thread keeps ready
+DRAIN_ROWS = 256  # rows per piece in which the buffer leaves at the end of an epoch
 
 
 def _seed(seed: int, epoch: int, rank: int) -> int:
@@ -123,9 +124,9 @@ def _shuffled(chunks: Iterator[tuple[np.ndarray, np.ndarray]], buffer_rows: int,
             slots = rng.choice(buffer_rows, size=k, replace=False)
             yield bx[slots], by[slots]  # fancy indexing copies
             bx[slots], by[slots] = x[s : s + k], y[s : s + k]
-    if n:
-        last = rng.permutation(n)
-        yield bx[last], by[last]
+    last = rng.permutation(n)
+    for s in range(0, n, DRAIN_ROWS):  # in pieces: a copy of the whole buffer at once would double its memory
+        yield bx[last[s : s + DRAIN_ROWS]], by[last[s : s + DRAIN_ROWS]]
 
 
 def _batches(chunks: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int, steps: Optional[int],

@@ -53,10 +53,19 @@ class ProgressWriter:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's peak resident set size so far: Linux's ``VmHWM``. Not ``ru_maxrss``, which
+    a process started by fork + exec inherits from its parent (a worker forked from a large
+    process would report that process's peak); ``ru_maxrss`` only where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def read(path: Path) -> Optional[dict]:

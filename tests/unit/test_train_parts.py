@@ -169,3 +169,22 @@ def test_the_step_loop_writes_progress_at_most_once_a_second_and_never_the_histo
     assert not (tmp_path / EPOCHS_FILE).exists()  # the history is not written by steps
     writer.epoch_done(51)
     assert json.loads((tmp_path / EPOCHS_FILE).read_text())["history"] == history
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A process forked from a large one and exec'd inherits the parent's ``ru_maxrss``: a Ray
+    worker or a benchmark child would report the peak of whoever started it. ``peak_rss_bytes``
+    reads the process's own high-water mark."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.conftest import ROOT
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MB held by this process while the child runs
+    code = ("import resource; from tasks.train_progress import peak_rss_bytes; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_rss_bytes())")
+    inherited, own = map(int, subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert big.sum() > 0 and inherited > 400 * 2**20 > 5 * own
