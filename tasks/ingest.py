@@ -185,10 +185,9 @@ def _parquet(cfg: DataConfig):
     """(train, test, the wide table's feature columns or None): the splits of a parquet source,
     read lazily, one row group at a time."""
     check_source(cfg)  # every file's footer: readable, the configured columns, numeric types
-    root = Path(cfg.path)
-    first = parquet_files(root, "train")[0]
-    wide = feature_columns(arrow_io.read_schema(first), cfg, str(first))
-    train, test = (_ParquetSplit(cfg, split, [str(f) for f in parquet_files(root, split)], wide) for split in ("train", "test"))
+    first = parquet_files(cfg.path, "train")[0]
+    wide = feature_columns(arrow_io.read_schema(first), cfg, first)
+    train, test = (_ParquetSplit(cfg, split, parquet_files(cfg.path, split), wide) for split in ("train", "test"))
     differ = arrow.diff(test.schema().remove_metadata(), train.schema().remove_metadata())
     if differ:
         raise DataError(f"data.path: the test split's schema differs from train: {'; '.join(differ)}")

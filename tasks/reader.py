@@ -18,6 +18,7 @@ Data no stage wrote (a user's source, ``adapt``'s new rows) is found by ``list_p
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -30,10 +31,59 @@ from schemas.errors import DataError
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(the filesystem, the path within it) of a local path or a URI."""
+    """(the filesystem, the path within it) of a local path or a URI. An object store's endpoint,
+    region and credentials come from the standard AWS variables and files (``AWS_ENDPOINT_URL``,
+    ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``..., ``~/.aws``), never from a recipe."""
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def scheme_prefix(path: str, inner: str) -> str:
+    """What ``filesystem`` took off ``path`` to make ``inner`` ("s3://"; "" for a local path): put
+    it back in front of a path the filesystem lists to get a URI again."""
+    return path[: len(path) - len(inner)] if "://" in path else ""
+
+
+def check_store(path: str, what: str) -> None:
+    """For a URI: that its object store answers, the bucket exists and the credentials may list it,
+    before anything else reads it (a local path: nothing to check here).
+
+    Raises:
+        DataError: one line naming ``what``, the URI, what failed and the fix.
+    """
+    if "://" not in path:
+        return
+    try:
+        fs, inner = filesystem(path)
+        fs.get_file_info(pafs.FileSelector(inner))  # a listing: unlike a lookup, it tells a missing bucket
+    except FileNotFoundError:
+        return  # the bucket answers; the prefix holds nothing yet (what is missing, the caller says)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{what}={path}: {_store_failure(str(e), _bucket(path))}") from None
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def _store_failure(message: str, bucket: str) -> str:
+    """What an object store's error means, and the fix, in words (pyarrow's S3 messages)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    where = f"the object store at {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS S3 (AWS_ENDPOINT_URL is not set)"
+    if "NETWORK_CONNECTION" in message or "curlCode" in message:
+        return f"{where} cannot be reached; start it, or set AWS_ENDPOINT_URL to the store's address"
+    if "NO_SUCH_BUCKET" in message:
+        return f"bucket '{bucket}' does not exist on {where}; create it or fix the bucket name"
+    if any(k in message for k in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "HTTP status 403")):
+        return (f"{where} refused the credentials for bucket '{bucket}'; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE and ~/.aws/credentials) to a key that may read it")
+    if not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")
+            or os.path.exists(os.path.expanduser("~/.aws/credentials"))):
+        return (f"no AWS credentials found for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+                "with ~/.aws/credentials")
+    first = message.splitlines()[0] if message else "no detail"
+    return f"{where} answered: {first}; check AWS_ENDPOINT_URL, the credentials and the bucket"
 
 
 def list_parquet(directory: str) -> list[str]:
@@ -44,7 +94,7 @@ def list_parquet(directory: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    prefix = directory[: len(directory) - len(root)] if "://" in directory else ""
+    prefix = scheme_prefix(directory, root)
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 

@@ -14,11 +14,13 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.config import BUILTIN_CLASSES, DataConfig
 from schemas.errors import DataError
 from tasks import arrow_io
+from tasks.reader import check_store, filesystem, scheme_prefix
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -27,11 +29,12 @@ FASHION_MNIST_FILES = {
 }
 
 
-def source_files(cfg: DataConfig) -> list[Path]:
-    """The files ``cfg.source`` reads (none for the bundled digits).
+def source_files(cfg: DataConfig) -> list[str]:
+    """The files ``cfg.source`` reads (none for the bundled digits): paths, or URIs for a parquet
+    source in an object store.
 
     Raises:
-        DataError: a missing file or directory, named with the fix.
+        DataError: a missing file or directory, or an object store that does not answer, named with the fix.
     """
     if cfg.source == "digits":
         return []
@@ -41,18 +44,22 @@ def source_files(cfg: DataConfig) -> list[Path]:
         for f in files:
             if not f.exists():
                 raise DataError(f"data.path: {f} not found; install Debian's dataset-fashion-mnist or point data.path at the IDX files")
-        return files
+        return [str(f) for f in files]
     if not cfg.path:
         raise DataError("data.path is not set: the parquet source needs a directory holding train/ and test/ Parquet")
-    return [f for split in ("train", "test") for f in parquet_files(Path(cfg.path), split)]
+    check_store(cfg.path, "data.path")
+    return [f for split in ("train", "test") for f in parquet_files(cfg.path, split)]
 
 
 def source_fingerprint(cfg: DataConfig) -> str:
     """Identity of the source's current content: every file's name, size and modification time
-    (cheap enough to check before each resume; a changed file changes it)."""
+    (cheap enough to check before each resume; a changed file changes it; one listing request per
+    file group on an object store)."""
     import sklearn
 
-    parts = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in source_files(cfg)]
+    files = source_files(cfg)
+    infos = filesystem(files[0])[0].get_file_info([filesystem(f)[1] for f in files]) if files else []
+    parts = [f"{f}:{i.size}:{i.mtime_ns}" for f, i in zip(files, infos)]
     if cfg.source == "digits":
         parts.append(f"sklearn {sklearn.__version__}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -86,7 +93,7 @@ def check_source(cfg: DataConfig) -> SourceShape:
         return SourceShape(BUILTIN_SHAPES[cfg.source], BUILTIN_CLASSES)
     footers = []
     for split in ("train", "test"):
-        for f in parquet_files(Path(cfg.path), split):
+        for f in parquet_files(cfg.path, split):
             schema = arrow_io.read_schema(f)
             check_columns(schema, cfg, str(f))
             footers.append(_read_footer(f, split, schema, cfg))
@@ -180,7 +187,7 @@ class _Footer(NamedTuple):
     feature_nulls: Optional[tuple[str, int]]  # (column, count) of the first feature column with nulls
 
 
-def _read_footer(path: Path, split: str, schema: pa.Schema, cfg: DataConfig) -> _Footer:
+def _read_footer(path: str, split: str, schema: pa.Schema, cfg: DataConfig) -> _Footer:
     md = pq.read_metadata(path)  # read_schema has just read this footer: it parses
     wide = feature_columns(schema, cfg, str(path))
     label = _leaf_stats(md, cfg.label_column)
@@ -250,18 +257,24 @@ def _check_footer_labels(footers: list[_Footer], cfg: DataConfig) -> None:
             if label < 0 or (k is not None and label >= k):
                 raise DataError(_outside(cfg, k, f"{foot.split} label(s)", f"{foot.path} by its footer", label))
     if top is not None:
-        where = f"by the footer of {train[0].path}" if len(train) == 1 else f"by the footers of {train[0].path.parent}"
+        where = f"by the footer of {train[0].path}" if len(train) == 1 else f"by the footers of {train[0].path.rsplit('/', 1)[0]}"
         _checkclass_count(cfg, top, where)
 
 
-def parquet_files(root: Path, split: str) -> list[Path]:
-    if (root / split).is_dir():
-        files = sorted((root / split).glob("*.parquet"))
+def parquet_files(root: str, split: str) -> list[str]:
+    """A parquet source's files of ``split``: ``<root>/<split>/*.parquet`` in name order, or
+    ``<root>/<split>.parquet``; paths, or URIs where ``root`` is one."""
+    fs, inner = filesystem(root)
+    base, prefix = inner.rstrip("/"), scheme_prefix(root, inner)
+    folder, single = fs.get_file_info([f"{base}/{split}", f"{base}/{split}.parquet"])
+    if folder.type == pafs.FileType.Directory:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder.path))
+                       if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
         if not files:
-            raise DataError(f"data.path: {root / split} holds no .parquet files; put the {split} split there")
-        return files
-    if (root / f"{split}.parquet").exists():
-        return [root / f"{split}.parquet"]
+            raise DataError(f"data.path: {root.rstrip('/')}/{split} holds no .parquet files; put the {split} split there")
+        return [prefix + f for f in files]
+    if single.type == pafs.FileType.File:
+        return [prefix + single.path]
     raise DataError(f"data.path: {root} has no {split}/ directory or {split}.parquet file; put the {split} split there")
 
 

@@ -81,6 +81,38 @@ def mlflow_server(tmp_path_factory):
     stop(proc)
 
 
+def start_s3_server(root: Path, port: int, check_credentials: bool = False) -> subprocess.Popen:
+    """moto's standalone S3-compatible server on 127.0.0.1 (a real HTTP server: pyarrow's C++ client
+    and other processes reach it, which in-process mocks do not). ``check_credentials``: refuse
+    unknown keys from the first request (moto checks none unless INITIAL_NO_AUTH_ACTION_COUNT is set)."""
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials else {})}
+    log = open(root / f"moto-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start: {(root / f'moto-{port}.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server for the session; yields the AWS variables that point at it (the
+    only way bnflow learns an endpoint and credentials)."""
+    root = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    proc = start_s3_server(root, port)
+    yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bnflow-test",
+           "AWS_SECRET_ACCESS_KEY": "bnflow-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    stop(proc)
+
+
 def start_ray_head(root: Path, token: str, num_cpus: int = 2) -> tuple[str, subprocess.Popen]:
     """A real `ray start --head` with token auth, on loopback ports of its own and its own temp dir
     (so ``ray.init()`` elsewhere never attaches to it); returns (dashboard address, process).
