@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--once", action="store_true", help="submit what is due now and exit (for a cron of your own)")
     sched.add_argument("--verbose", action="store_true", help="the jobs also show Ray's and MLflow's own logs")
     sub.choices["show-config"].add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
+    gc = sub.add_parser("gc", help="remove what interrupted or deleted runs left in a storage directory (never a committed stage)")
+    gc.add_argument("--storage", default=None, help="the storage directory (default: the recipe's storage)")
+    gc.add_argument("--recipe", default=None, help="the recipe whose storage to clean (default: fashion_mnist)")
+    gc.add_argument("--older-than", default="7d", help="leave what changed more recently than this alone: 7d (default), 12h, 30m, 0s")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed and the bytes it would free; remove nothing")
+    gc.set_defaults(verbose=False)
     adapt = sub.add_parser("adapt", help="re-estimate a logged model's BatchNorm statistics on new unlabeled data (AdaBN)")
     adapt.add_argument("--model", required=True, metavar="URI", help="the logged model, e.g. runs:/RUN_ID/model_recalibrated or models:/NAME@champion")
     adapt.add_argument("--data", required=True, metavar="DIR", help="directory of Parquet files with the new rows' RAW features (labels not needed, never read)")
@@ -108,6 +114,8 @@ def _command(name: str):
         from pipeline.search.command import command
     elif name == "adapt":
         from pipeline.adapt import command
+    elif name == "gc":
+        from pipeline.gc import command
     elif name == "submit":
         from pipeline.jobs.commands import submit_command as command
     else:

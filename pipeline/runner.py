@@ -108,9 +108,14 @@ def _saying(log, console: Console):
     return on_epoch
 
 
+def cache_key(made_from: dict) -> str:
+    """The stage cache's key for a stage made from ``made_from``: its entry is
+    ``<storage>/.stage-cache/<stage>-<key>.json``."""
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def _cache_entry(storage: Path, node: Node, made_from: dict) -> Path:
-    key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:24]
-    return storage / CACHE_DIR / f"{node.name}-{key}.json"
+    return storage / CACHE_DIR / f"{node.name}-{cache_key(made_from)}.json"
 
 
 def _remember(storage: Path, node: Node, made_from: dict, stage_dir: Path) -> None:

@@ -55,6 +55,19 @@ def test_one_parent_and_one_child_per_stage(digits_run):
     assert parent.data.metrics["test_accuracy_after_recal"] >= 0.9
 
 
+def test_gc_finds_nothing_to_remove_in_a_complete_run(digits_run, capsys):
+    """gc against the real layout: a complete run's stages and the stage-cache entries that point
+    at them are never listed, even with --older-than 0s."""
+    from pipeline.runner import CACHE_DIR
+
+    _, storage, _ = digits_run
+    entries = sorted((storage / CACHE_DIR).glob("*.json"))
+    assert entries  # ingest and normalize are indexed for reuse
+    assert main(["gc", "--storage", str(storage), "--older-than", "0s", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "would remove" in line]
+    assert not [line for line in listed if "/itest-digits/" in line or CACHE_DIR in line], listed
+
+
 def test_per_epoch_metrics_one_series_from_one_writer(digits_run):
     _, _, client = digits_run
     train = next(r for r in _runs(client, "itest", "itest-digits") if r.data.tags[TAG_STAGE] == "train")
