@@ -70,53 +70,77 @@ def load_source(model_uri: str) -> Source:
     return Source(model, class_names, info, served.checkpoint_path(local), feature_names, column)
 
 
-def read_features(data_dir: str, feature_names: Optional[list[str]], num_features: int, column: str = "features") -> np.ndarray:
-    """Raw features of every Parquet file under ``data_dir`` as (N, num_features) float32. Labels are
-    never read. A model logged from a wide table takes its columns by name; otherwise one list
-    column (``column``) holds each row's features.
+def read_sample(data_dir: str, feature_names: Optional[list[str]], num_features: int, column: str,
+                rows: Optional[int], batch_size: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """The calibration rows of the Parquet files under ``data_dir``: a seeded random sample of
+    ``rows`` (default 10,000 or all), as raw features (n, num_features) float32 in calibration
+    order, and the batch bounds (``tasks.recalibrate.batch_plan``, the recalibrate stage's plan).
+    Reads the files' footers, then only the row groups that hold sampled rows (a file written as one
+    row group, pyarrow's default for small files, is read whole). Labels are never read. A model logged from a wide table takes its columns by
+    name; otherwise one list column (``column``) holds each row's features.
 
     Raises:
-        DataError: no Parquet file or no row, a missing column, or a wrong feature count.
+        DataError: no Parquet file or no row, a missing column, a wrong feature count, more rows
+            asked for than exist, or sampled rows holding NaN or inf.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from tasks.reader import Split, list_parquet
+    from tasks.recalibrate import batch_plan
 
     if not Path(data_dir).is_dir():
         raise DataError(f"--data {data_dir}: not a directory; give the directory holding the new rows as Parquet files")
     files = list_parquet(data_dir)
     if not files:
         raise DataError(f"--data {data_dir}: no .parquet file in it; write the new rows there as Parquet")
-    parts = []
     for f in files:
-        split = Split([f])
-        names = split.schema.names
+        names = Split([f]).schema.names
         if feature_names:
             missing = [c for c in feature_names if c not in names]
             if missing:
                 raise DataError(f"{f}: lacks feature column '{missing[0]}' the model was trained with; "
                                 f"the model takes columns {feature_names[:5]}{'...' if len(feature_names) > 5 else ''}")
-            parts += split.batches(columns=feature_names, transform=lambda t: np.column_stack(
-                [pc.cast(t.column(c), pa.float32()).to_numpy(zero_copy_only=False) for c in feature_names]))
-        else:
-            if column not in names:
-                raise DataError(f"{f}: no '{column}' column; the model takes one list column '{column}' of {num_features} "
-                                f"features per row (columns here: {names[:6]})")
-            for table in split.batches(columns=[column]):
-                col = table.column(column).combine_chunks()
-                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-                if len(lengths) and (lengths.min() != num_features or lengths.max() != num_features):
-                    bad = int(lengths[lengths != num_features][0])
-                    raise DataError(f"{f}: rows of {bad} features in '{column}'; the model takes {num_features}")
-                parts.append(col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, num_features))
-    parts = [p.astype(np.float32, copy=False) for p in parts]
-    x = np.concatenate(parts)
-    if len(x) < 2:
-        raise DataError(f"--data {data_dir}: {len(x)} row(s); BN statistics need at least 2 rows")
+        elif column not in names:
+            raise DataError(f"{f}: no '{column}' column; the model takes one list column '{column}' of {num_features} "
+                            f"features per row (columns here: {names[:6]})")
+    split = Split(files)
+    if rows is not None and rows < 2:
+        raise DataError(f"--rows {rows}: BN statistics need at least 2 rows; raise --rows or leave it unset")
+    if rows is not None and rows > split.rows:
+        raise DataError(f"--rows {rows}: {data_dir} holds only {split.rows} rows; lower --rows or leave it unset")
+    n = rows if rows is not None else min(DEFAULT_ROWS, split.rows)
+    if n < 2:
+        raise DataError(f"--data {data_dir}: {n} row(s); BN statistics need at least 2 rows")
+    plan = batch_plan([split.rows], n, batch_size, seed)
+    order, starts = plan["order"], np.cumsum([0, *split.file_rows])
+    x = np.empty((n, num_features), dtype=np.float32)
+    for i, f in enumerate(files):  # file by file: each file's own column types, cast to float32
+        pick = np.nonzero((order >= starts[i]) & (order < starts[i + 1]))[0]
+        if len(pick):
+            table = Split([f]).take(order[pick] - starts[i], columns=feature_names or [column])
+            x[pick] = _features(table, f, feature_names, num_features, column)
     if not np.isfinite(x).all():
-        raise DataError(f"--data {data_dir}: {int((~np.isfinite(x)).any(axis=1).sum())} row(s) hold NaN or inf; clean or drop them")
-    return x
+        raise DataError(f"--data {data_dir}: {int((~np.isfinite(x)).any(axis=1).sum())} of the {n} sampled row(s) hold "
+                        "NaN or inf; clean or drop them")
+    return x, plan["bounds"]
+
+
+def _features(table, where: str, feature_names: Optional[list[str]], num_features: int, column: str) -> np.ndarray:
+    """A table's rows as (n, num_features) float32: the named columns of a wide table, or the list
+    column ``column``.
+
+    Raises:
+        DataError: a row with another number of features (naming ``where``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if feature_names:
+        return np.column_stack([pc.cast(table.column(c), pa.float32()).to_numpy(zero_copy_only=False) for c in feature_names])
+    col = table.column(column).combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if lengths.min() != num_features or lengths.max() != num_features:
+        bad = int(lengths[lengths != num_features][0])
+        raise DataError(f"{where}: rows of {bad} features in '{column}'; the model takes {num_features}")
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, num_features)
 
 
 def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: Optional[int] = None,
@@ -137,17 +161,13 @@ def adapt(model_uri: str, data_dir: str, register: Optional[str] = None, rows: O
     from pipeline.tracking.uri import source_tags
     from schemas.artifacts import CheckpointState
     from tasks.nn.bn_stats import update_bn_stats
-    from tasks.recalibrate import batch_plan
 
     src = load_source(model_uri)
     source, info = src.module, src.info
     num_features = int(source.shift.numel())
-    x = read_features(data_dir, src.feature_names, num_features, src.features_column)
-    if rows is not None and rows > len(x):
-        raise DataError(f"--rows {rows}: {data_dir} holds only {len(x)} rows; lower --rows or leave it unset")
-    n = rows if rows is not None else min(DEFAULT_ROWS, len(x))
-    plan = batch_plan([len(x)], n, batch_size, seed)  # the recalibrate stage's sample and batches
-    rows_in_order, b = torch.from_numpy(x[plan["order"]]), plan["bounds"]
+    x, b = read_sample(data_dir, src.feature_names, num_features, src.features_column, rows, batch_size, seed)
+    n = len(x)
+    rows_in_order = torch.from_numpy(np.require(x, requirements="W"))
     model = copy.deepcopy(source)
     update_bn_stats(model, (rows_in_order[b[i]:b[i + 1]] for i in range(len(b) - 1)))
     model.eval()

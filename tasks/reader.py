@@ -36,13 +36,13 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``..., ``~/.aws``), never from a recipe."""
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.LocalFileSystem(), path
 
 
-def scheme_prefix(path: str, inner: str) -> str:
-    """What ``filesystem`` took off ``path`` to make ``inner`` ("s3://"; "" for a local path): put
-    it back in front of a path the filesystem lists to get a URI again."""
-    return path[: len(path) - len(inner)] if "://" in path else ""
+def scheme_prefix(path: str) -> str:
+    """The scheme ``filesystem`` takes off a URI ("s3://"; "" for a local path): put it back in
+    front of a path the filesystem lists to get a URI again."""
+    return path.split("://", 1)[0] + "://" if "://" in path else ""
 
 
 def check_store(path: str, what: str) -> None:
@@ -54,6 +54,9 @@ def check_store(path: str, what: str) -> None:
     """
     if "://" not in path:
         return
+    if "?" in path:
+        raise DataError(f"{what}={path}: options in the URI are not read; set the endpoint and region with "
+                        "AWS_ENDPOINT_URL and AWS_DEFAULT_REGION, and remove the '?...' part")
     try:
         fs, inner = filesystem(path)
         fs.get_file_info(pafs.FileSelector(inner))  # a listing: unlike a lookup, it tells a missing bucket
@@ -94,7 +97,7 @@ def list_parquet(directory: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    prefix = scheme_prefix(directory, root)
+    prefix = scheme_prefix(directory)
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 

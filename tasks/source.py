@@ -60,6 +60,8 @@ def source_fingerprint(cfg: DataConfig) -> str:
     files = source_files(cfg)
     infos = filesystem(files[0])[0].get_file_info([filesystem(f)[1] for f in files]) if files else []
     parts = [f"{f}:{i.size}:{i.mtime_ns}" for f, i in zip(files, infos)]
+    # How ingest lays its splits out: outputs of an earlier layout are not reused for a new run.
+    parts.append(f"ingest layout: streamed, seeded assignment, row groups of {arrow_io.ROWS_PER_GROUP}")
     if cfg.source == "digits":
         parts.append(f"sklearn {sklearn.__version__}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -265,7 +267,7 @@ def parquet_files(root: str, split: str) -> list[str]:
     """A parquet source's files of ``split``: ``<root>/<split>/*.parquet`` in name order, or
     ``<root>/<split>.parquet``; paths, or URIs where ``root`` is one."""
     fs, inner = filesystem(root)
-    base, prefix = inner.rstrip("/"), scheme_prefix(root, inner)
+    base, prefix = inner.rstrip("/"), scheme_prefix(root)
     folder, single = fs.get_file_info([f"{base}/{split}", f"{base}/{split}.parquet"])
     if folder.type == pafs.FileType.Directory:
         files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder.path))

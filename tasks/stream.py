@@ -74,7 +74,7 @@ class ShardStream:
         self.rank, self.world = rank, world
         self.input_shape = tuple(input_shape)
         self.buffer_rows = buffer_rows
-        self.chunk = self.split.row_groups[0].rows if self.split.row_groups else 1
+        self.chunk = max((g.rows for g in self.split.row_groups), default=1)  # the writer's group size
         self.rows = self.split.rows // world  # rows this rank trains on per epoch
 
     def steps(self, batch_size: int) -> int:

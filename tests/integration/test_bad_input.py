@@ -68,7 +68,9 @@ def _user_package(root: Path) -> Path:
     return root
 
 
-def _run(tmp_path, *sets, run_id="bad", env=None):
+def run_pipeline(tmp_path, *sets, run_id="bad", env=None):
+    """`python -m pipeline run --recipe digits` in a fresh process with `sets` and `env` added;
+    (the completed process, its seconds)."""
     args = [sys.executable, "-m", "pipeline", "run", "--recipe", "digits", "--run-id", run_id,
             "--set", f"storage={tmp_path / 'storage'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     for s in sets:
@@ -143,7 +145,7 @@ def test_fails_before_any_compute_with_one_line(tmp_path, case, sets, env, words
     sets = [s.format(**fill) for s in sets]
     env = {k: v.format(**fill) for k, v in (env or {}).items()}
     run_id = "../escape" if case == "run id with a separator" else "bad"
-    r, seconds = _run(tmp_path, *sets, run_id=run_id, env=env)
+    r, seconds = run_pipeline(tmp_path, *sets, run_id=run_id, env=env)
     _assert_clean_user_error(r, words.format(**fill))
     assert seconds < 60  # before Ray and MLflow work: python start-up plus a check
     assert not (tmp_path / "escape").exists()
@@ -152,7 +154,7 @@ def test_fails_before_any_compute_with_one_line(tmp_path, case, sets, env, words
 
 
 def test_divergent_learning_rate_is_one_line_without_worker_tracebacks(tmp_path):
-    r, _ = _run(tmp_path, "train.optimizer.lr=1e6", "train.epochs=3", "train.max_failures=2")
+    r, _ = run_pipeline(tmp_path, "train.optimizer.lr=1e6", "train.epochs=3", "train.max_failures=2")
     _assert_clean_user_error(r, "training diverged; lower train.optimizer.lr or set train.grad_clip_norm", only_line=False)
     storage = tmp_path / "storage" / "bad"
     assert (storage / "normalize" / "manifest.json").exists()
@@ -163,7 +165,7 @@ def test_divergent_learning_rate_is_one_line_without_worker_tracebacks(tmp_path)
 def test_a_run_refused_after_ray_starts_leaves_nothing_behind(tmp_path):
     """Regression (issue 21): more workers than the cluster holds was refused after the parent run
     and the run directory were made, leaving a FAILED run and an empty directory."""
-    r, _ = _run(tmp_path, "train.workers=8")
+    r, _ = run_pipeline(tmp_path, "train.workers=8")
     _assert_clean_user_error(r, "train.workers=8", only_line=False)
     assert not (tmp_path / "storage" / "bad").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

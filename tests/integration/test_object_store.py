@@ -14,7 +14,7 @@ import torch
 
 from schemas.config import DataConfig
 from tests.conftest import free_port, start_s3_server, stop
-from tests.integration.test_bad_input import _run
+from tests.integration.test_bad_input import run_pipeline
 
 BUCKET = "bnflow-data"
 
@@ -133,7 +133,7 @@ def test_an_object_store_that_fails_is_one_line_before_ray_starts(bucket, s3_ser
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
         expected = "refused the credentials for bucket 'bnflow-data'; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     try:
-        r, seconds = _run(tmp_path, "data.source=parquet", f"data.path={path}", "data.features_column=pixels", env=env)
+        r, seconds = run_pipeline(tmp_path, "data.source=parquet", f"data.path={path}", "data.features_column=pixels", env=env)
     finally:
         if server is not None:
             stop(server)

@@ -51,7 +51,12 @@ def storage(tmp_path):
     _debris(a / "evaluate", 700, 2 * DAY)  # no manifest
     _debris(a / "train.trash-0123abcd", 40, 0)  # half-deleted, any age
     _debris(s / "run-live" / f"train{PARTIAL}", 900, 2 * DAY)
-    (s / "run-live" / f"{LEASE_FILE}.tok.beat").write_text("7")  # its owner beats now
+    beat = s / "run-live" / f"{LEASE_FILE}.tok.beat"
+    beat.write_text("7")  # its owner beat five minutes ago (beats come every 10 s; it may be stuck in a long step)
+    os.utime(beat, (time.time() - 300, time.time() - 300))
+    _debris(s / "search-1" / "tune", 50, 2 * DAY)  # a search's directory: not the runner's layout
+    _stage(s / "search-1" / "trials" / "t0", "ingest", {"config": "t"})
+    _debris(s / "search-1" / "trials" / "t0" / f"train{PARTIAL}", 60, 2 * DAY)
     cache = s / CACHE_DIR
     cache.mkdir()
     (cache / f"ingest-{cache_key(made)}.json").write_text(json.dumps({"stage_dir": str(ingest)}))
@@ -78,6 +83,15 @@ def test_dry_run_lists_and_removes_nothing(storage, capsys):
     # bytes freed: 700 + 5000 + 40 + 10 (the hard-linked file frees nothing) + the two entries
     entries = sum(len(json.dumps({"stage_dir": x})) for x in (str(storage / "deleted" / "ingest"), str(storage / "run-a" / "normalize")))
     assert f"gc: would free {(5750 + entries) / 1024:.1f} KB in 6 item(s)" in out
+    assert "search-1" not in out
+
+
+def test_a_live_run_is_kept_even_with_older_than_zero(storage, capsys):
+    assert main(["gc", "--storage", str(storage), "--older-than", "0s"]) == 0
+    left = _tree(storage)
+    assert "run-live/train.partial/checkpoint.pt" in left  # its lease beat within the last ten minutes
+    assert "run-a/recalibrate.partial" not in left  # 0s: any age goes
+    assert "search-1/tune" in left and "search-1/trials/t0/train.partial" in left
 
 
 def test_gc_removes_debris_and_never_a_committed_stage_or_a_live_run(storage, capsys):

@@ -1,5 +1,6 @@
-"""The train stage's validation on 1, 2 and 3 gloo ranks: every rank scores its strided share of the
-val rows, and the all-reduced result is rank 0's model scored over every row by one process."""
+"""The train stage's validation on 1, 2 and 3 gloo ranks: every rank streams its part of the val
+split (``ShardStream.in_order``), and the all-reduced result is rank 0's model scored over every
+row by one process."""
 
 import pytest
 import torch
@@ -26,17 +27,28 @@ def _model_and_data(rank: int):
     return model, x, y
 
 
-def _validate_on_rank(rank, world):
+def _validate_on_rank(rank, world, files):
+    from tasks.stream import ShardStream
     from tasks.train_loop import validate
 
-    model, x, y = _model_and_data(rank)
-    return validate(model, x[rank::world], y[rank::world], "cpu", world, bn_mode="local", batch_size=16)
+    model, _, _ = _model_and_data(rank)
+    return validate(model, ShardStream(files, rank, world, (FEATURES,), 64), "cpu", world, bn_mode="local", batch_size=16)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_validation_on_every_rank_equals_rank_0s_model_over_every_row(world):
-    results = run_group(_validate_on_rank, world)
+def test_validation_on_every_rank_equals_rank_0s_model_over_every_row(world, tmp_path):
+    import pyarrow.parquet as pq
+
+    from schemas import arrow
+    from tasks import arrow_io
+
     model, x, y = _model_and_data(0)
+    table = arrow_io.to_table(x.numpy(), y.numpy(), arrow.example_schema(FEATURES))
+    files = []
+    for i, (a, b) in enumerate([(0, 40), (40, 41), (41, ROWS)]):  # uneven files, row groups of 16
+        pq.write_table(table.slice(a, b - a), tmp_path / f"p{i}.parquet", row_group_size=16)
+        files.append(str(tmp_path / f"p{i}.parquet"))
+    results = run_group(_validate_on_rank, world, files)
     model.eval()
     with torch.no_grad():
         reference = model.double()(x.double())
