@@ -66,6 +66,7 @@ def test_a_source_in_a_bucket_ingests_exactly_as_from_disk(bucket, aws, tmp_path
     local, uri = bucket
     files = source_files(_cfg(uri))
     assert files == [f"{uri}/train/part-{i}.parquet" for i in range(3)] + [f"{uri}/test.parquet"]
+    assert source_files(_cfg(uri + "/")) == files  # a trailing slash names the same bucket and files
     assert check_source(_cfg(uri)) == check_source(_cfg(local))
     a = ingest(_cfg(local), tmp_path / "local", seed=3)
     b = ingest(_cfg(uri), tmp_path / "s3", seed=3)

@@ -64,3 +64,17 @@ def test_listing_and_unreadable_files(split, tmp_path):
     bad.write_bytes(b"not parquet")
     with pytest.raises(DataError, match="part-00009.parquet: not a readable Parquet file"):
         Split(files + [str(bad)])
+
+
+def test_a_relative_path_keeps_the_users_spelling(split, tmp_path, monkeypatch):
+    """Paths in messages and in the source fingerprint stay as the user wrote them."""
+    from tasks.reader import scheme_prefix
+    from tasks.source import parquet_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src" / "train").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "a.parquet").write_bytes(b"")
+    assert parquet_files("src", "train") == ["src/train/a.parquet"]
+    assert list_parquet("s") == sorted(f"s/part-{i:05d}.parquet" for i in range(3))
+    assert scheme_prefix("s3://bucket/prefix/") == "s3://" and scheme_prefix("relative/dir") == ""
+
