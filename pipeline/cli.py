@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove what interrupted or deleted runs left in a storage directory (never a committed stage)")
     gc.add_argument("--storage", default=None, help="the storage directory (default: the recipe's storage)")
     gc.add_argument("--recipe", default=None, help="the recipe whose storage to clean (default: fashion_mnist)")
+    gc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. --set storage=/data/runs (repeatable)")
     gc.add_argument("--older-than", default="7d", help="leave what changed more recently than this alone: 7d (default), 12h, 30m, 0s")
     gc.add_argument("--dry-run", action="store_true", help="print what would be removed and the bytes it would free; remove nothing")
     gc.set_defaults(verbose=False)

@@ -103,7 +103,7 @@ def command(args) -> int:
     if args.storage is None:
         from pipeline import recipes
 
-        args.storage = recipes.load(args.recipe, []).storage
+        args.storage = recipes.load(args.recipe, args.overrides).storage
     storage = Path(args.storage)
     if "://" in args.storage:
         raise ConfigError(f"--storage={args.storage}: gc cleans local and shared filesystems; storage on an object "

@@ -118,3 +118,9 @@ def test_bad_arguments_are_one_line(storage, capsys, args, message):
     full = ["gc", *(["--storage", str(storage)] if "--storage" not in args else []), *args]
     assert main(full) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_the_storage_comes_from_the_recipe_and_its_overrides(storage, capsys):
+    assert main(["gc", "--recipe", "digits", "--set", f"storage={storage}", "--dry-run"]) == 0
+    assert f"under {storage}" in capsys.readouterr().out
+
