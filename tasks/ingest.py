@@ -84,7 +84,7 @@ def ingest(cfg: DataConfig, out_dir: Path, seed: int) -> Dataset:
         start += len(y)
         for name, code in (("train", TRAIN), ("val", VAL)):
             writers[name].write(arrow_io.to_table(x[r == code], y[r == code], schema))
-        if len(y):
+        if pixel_max is None and cfg.shift is not None and len(y):  # the corruptions' pixel scale, when not known
             top = max(top, float(np.nanmax(x)))
     shift_rows = cfg.shift.rows if cfg.shift is not None else 0
     head: list[tuple[np.ndarray, np.ndarray]] = []  # the first test rows, for the corrupted copies

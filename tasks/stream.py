@@ -101,9 +101,8 @@ class ShardStream:
     def _read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows [start, stop) of the split as (features (n, D) float32, labels (n,) int64), reading
         only the row groups that hold them."""
-        table = self.split.slice(start, stop)
-        return (np.require(arrow_io.features_numpy(table), requirements="W"),
-                arrow_io.labels_numpy(table).astype(np.int64, copy=False))
+        table = self.split.slice(start, stop)  # read-only arrays: the buffer or _batches copies them
+        return arrow_io.features_numpy(table), arrow_io.labels_numpy(table).astype(np.int64, copy=False)
 
 
 def _shuffled(chunks: Iterator[tuple[np.ndarray, np.ndarray]], buffer_rows: int,
@@ -140,14 +139,13 @@ def _batches(chunks: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int, s
         held += len(y)
         while held >= batch_size and (steps is None or made < steps):
             x_all, y_all = (np.concatenate(xs), np.concatenate(ys)) if len(xs) > 1 else (xs[0], ys[0])
-            yield (torch.from_numpy(np.ascontiguousarray(x_all[:batch_size])).view(-1, *input_shape),
-                   torch.from_numpy(np.ascontiguousarray(y_all[:batch_size])))
+            yield (torch.from_numpy(np.require(x_all[:batch_size], requirements=["C", "W"])).view(-1, *input_shape),
+                   torch.from_numpy(np.require(y_all[:batch_size], requirements=["C", "W"])))
             xs, ys, held, made = [x_all[batch_size:]], [y_all[batch_size:]], held - batch_size, made + 1
         if steps is not None and made == steps:
             return
     if steps is None and held:
-        yield (torch.from_numpy(np.ascontiguousarray(np.concatenate(xs))).view(-1, *input_shape),
-               torch.from_numpy(np.ascontiguousarray(np.concatenate(ys))))
+        yield (torch.from_numpy(np.concatenate(xs)).view(-1, *input_shape), torch.from_numpy(np.concatenate(ys)))
 
 
 _DONE = object()

@@ -50,17 +50,23 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
            "--workers", "1"]
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    wait_until_answers(f"http://127.0.0.1:{port}/health", proc, root / "server.log", timeout=120)
+    return proc
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, log: Path, timeout: float, poll_s: float = 0.5) -> None:
+    """Return once ``url`` answers; if ``proc`` (the server) exits first or ``timeout`` seconds pass,
+    kill it and raise with the end of its ``log``."""
+    deadline = time.time() + timeout
     while True:
         try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            return proc
+            urllib.request.urlopen(url, timeout=2)
+            return
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+                raise RuntimeError(f"{url} did not answer: {log.read_text()[-3000:]}")
+            time.sleep(poll_s)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -89,16 +95,8 @@ def start_s3_server(root: Path, port: int, check_credentials: bool = False) -> s
     log = open(root / f"moto-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not start: {(root / f'moto-{port}.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+    wait_until_answers(f"http://127.0.0.1:{port}/moto-api/", proc, root / f"moto-{port}.log", timeout=60, poll_s=0.3)
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import registry, served
 from schemas.config import GateConfig, ModelConfig
 from tasks.nn.models import NormalizedClassifier, build_model
-from tests.conftest import free_port, stop
+from tests.conftest import free_port, stop, wait_until_answers
 
 NAME = "gate-digits"
 
@@ -141,14 +140,7 @@ def test_mlflow_models_serve_answers_with_probabilities(mlflow_server, digits, g
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except Exception:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
-                time.sleep(1)
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log", timeout=180, poll_s=1)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": x[:3].tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())

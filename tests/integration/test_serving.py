@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from pipeline.tracking import served
 from tasks.nn.models import NormalizedClassifier
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, wait_until_answers
 
 NAME = "serving-test"
 SHAPE = (1, 6, 6)
@@ -124,14 +123,7 @@ def test_mlflow_models_serve_answers_a_rest_request_as_the_readme_shows(logged, 
     proc = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(0.5)
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log", timeout=180)
         body = json.dumps({"inputs": x.tolist()}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
